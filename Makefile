@@ -1,0 +1,36 @@
+# The two commands of the README: `make demo` and `make test`. Each creates the environment first
+# (idempotent: a stamp file keyed on pyproject.toml + constraints.txt makes a second run instant).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+# Keep DeepSpeed's JIT-compiled ops between runs (the first build takes ~35 s).
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/robustfm/torch_extensions
+# Tests and the demo never reach a model hub.
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: env demo test lint bench clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip "setuptools<82" wheel
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo: env
+	$(PY) jobs/cgclip.py --config configs/cgclip/demo.yaml
+
+test: env
+	$(PY) -m pytest tests
+
+lint: env
+	$(VENV)/bin/ruff check robustfm jobs tests benchmarks
+	$(VENV)/bin/ruff format --check robustfm jobs tests benchmarks
+
+bench: env
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache
