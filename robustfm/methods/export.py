@@ -1,0 +1,185 @@
+"""Export a fine-tuned CLIP without its corruption decoder, and WiSE-FT weight interpolation of the image tower.
+
+The exported file is a safetensors state dict in open_clip's own layout (``visual.*`` for the image tower,
+``transformer.*``, ``token_embedding.*``, ... for the text tower), taken from the open_clip model inside the
+:class:`~robustfm.models.clip.ClipModel`. The decoder lives outside that model, so it cannot leak into the file:
+``open_clip.create_model(arch)`` followed by ``load_state_dict`` (strict) loads it back, and so does
+``robustfm.models.create_model(name, pretrained=path)``.
+
+WiSE-FT (Wortsman et al., 2022) mixes the pretrained and fine-tuned weights, ``(1 - alpha) * pretrained + alpha *
+fine-tuned``, to trade the new skill (corruption detection) against what CLIP already knew (zero-shot accuracy).
+Here it is applied to the image tower only; the text tower and temperature are exported as fine-tuned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from robustfm.methods.cgclip import CGClipModel
+from robustfm.models.clip import ClipModel, open_clip_state_dict
+
+IMAGE_TOWER_PREFIX = "visual."
+"""open_clip's CLIP keeps its image tower in the ``visual`` submodule; its state-dict keys start with this."""
+
+
+def _clip_of(model: CGClipModel | ClipModel) -> ClipModel:
+    return model.clip if isinstance(model, CGClipModel) else model
+
+
+def clip_state_dict(model: CGClipModel | ClipModel) -> dict[str, torch.Tensor]:
+    """Detached CPU copy of the open_clip state dict of ``model``, decoder excluded.
+
+    Keys and shapes are open_clip's own (``logit_scale`` back to 0-dim), so the dict loads strictly into
+    ``open_clip.create_model(arch)``.
+    """
+    state = open_clip_state_dict(_clip_of(model))
+    return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
+
+
+def image_tower_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The image-tower entries (``visual.*``) of an open_clip CLIP state dict."""
+    tower = {key: value for key, value in state.items() if key.startswith(IMAGE_TOWER_PREFIX)}
+    if not tower:
+        raise ValueError(f"state dict has no image tower: no key starts with {IMAGE_TOWER_PREFIX!r}")
+    return tower
+
+
+def interpolate_weights(
+    pretrained_state: Mapping[str, torch.Tensor], finetuned_state: Mapping[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
+    """WiSE-FT: ``(1 - alpha) * pretrained + alpha * finetuned`` for every floating-point tensor.
+
+    ``alpha = 0`` gives the pretrained weights, ``alpha = 1`` the fine-tuned ones (values outside [0, 1] extrapolate).
+    The mix is computed in float32 and cast back to the fine-tuned dtype. Integer and boolean tensors cannot be
+    mixed and must be equal in both.
+
+    Raises:
+        ValueError: when the two state dicts differ in keys, shapes, or in a non-floating tensor.
+    """
+    if not math.isfinite(alpha):
+        raise ValueError(f"interpolation coefficient alpha must be a finite number, got {alpha!r}")
+    missing, extra = (
+        sorted(set(finetuned_state) - set(pretrained_state)),
+        sorted(set(pretrained_state) - set(finetuned_state)),
+    )
+    if missing or extra:
+        raise ValueError(
+            f"cannot interpolate state dicts with different keys: only fine-tuned has {missing[:5]}, "
+            f"only pretrained has {extra[:5]}"
+        )
+    mixed: dict[str, torch.Tensor] = {}
+    for key, finetuned in finetuned_state.items():
+        pretrained = pretrained_state[key]
+        if pretrained.shape != finetuned.shape:
+            raise ValueError(
+                f"{key}: pretrained shape {tuple(pretrained.shape)} != fine-tuned {tuple(finetuned.shape)}"
+            )
+        if finetuned.is_floating_point():
+            start = pretrained.detach().to(device=finetuned.device, dtype=torch.float32)
+            end = finetuned.detach().float()
+            mixed[key] = torch.lerp(start, end, float(alpha)).to(finetuned.dtype)
+        else:
+            if not torch.equal(pretrained.to(finetuned.device), finetuned):
+                raise ValueError(
+                    f"{key}: non-floating tensors differ between pretrained and fine-tuned; cannot mix them"
+                )
+            mixed[key] = finetuned.detach().clone()
+    return mixed
+
+
+def _write(state: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses tensors that share storage; clone so tied or sliced weights are written independently.
+    save_file(
+        {key: value.detach().cpu().contiguous().clone() for key, value in state.items()},
+        str(path),
+        metadata=dict(metadata),
+    )
+    return path
+
+
+def export_image_tower(
+    model: CGClipModel | ClipModel,
+    path: str | Path,
+    *,
+    image_state: Mapping[str, torch.Tensor] | None = None,
+    include_text_tower: bool = True,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write the fine-tuned CLIP's image tower (and by default its text tower) as safetensors, without the decoder.
+
+    Args:
+        model: a :class:`CGClipModel` or a ClipModel.
+        path: the ``.safetensors`` file to write.
+        image_state: ``visual.*`` weights to export instead of the model's own (e.g. a WiSE-FT mix).
+        include_text_tower: True writes the whole open_clip state dict, loadable with a strict ``load_state_dict``
+            into ``open_clip.create_model(arch)``; False writes ``visual.*`` only (load with ``strict=False``).
+        metadata: extra string metadata stored in the file header.
+
+    Returns:
+        The written path.
+    """
+    state = clip_state_dict(model)
+    if image_state is not None:
+        expected = set(image_tower_state(state))
+        if set(image_state) != expected:
+            raise ValueError(
+                "image_state must hold exactly the model's image-tower keys; differs in "
+                f"{sorted(set(image_state) ^ expected)[:5]}"
+            )
+        state.update(image_state)
+    if not include_text_tower:
+        state = image_tower_state(state)
+    header = {
+        "format": "open_clip",
+        "arch": str(_clip_of(model).arch),
+        "towers": "image+text" if include_text_tower else "image",
+    }
+    header.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    return _write(state, Path(path), header)
+
+
+def export_wise_ft(
+    model: CGClipModel | ClipModel,
+    pretrained_state: Mapping[str, torch.Tensor],
+    out_dir: str | Path,
+    alphas: Sequence[float],
+    *,
+    include_text_tower: bool = True,
+) -> dict[float, Path]:
+    """Export one file per WiSE-FT coefficient, mixing the image tower between pretrained and fine-tuned.
+
+    Args:
+        model: the fine-tuned :class:`CGClipModel` or ClipModel.
+        pretrained_state: the open_clip state dict before fine-tuning (:func:`clip_state_dict` of the model taken
+            before stage 1); only its ``visual.*`` entries are used.
+        out_dir: folder for ``clip_wiseft_alpha{alpha:.2f}.safetensors``.
+        alphas: mixing coefficients (0 = pretrained image tower, 1 = fine-tuned).
+
+    Returns:
+        ``{alpha: path}`` in the order given.
+    """
+    if not alphas:
+        raise ValueError("export_wise_ft needs at least one mixing coefficient")
+    names = [f"clip_wiseft_alpha{float(a):.2f}.safetensors" for a in alphas]
+    if len(set(names)) != len(names):
+        raise ValueError(f"WiSE-FT coefficients must differ at two decimals, got {list(alphas)}")
+    finetuned_tower = image_tower_state(clip_state_dict(model))
+    pretrained_tower = image_tower_state(pretrained_state)
+    written: dict[float, Path] = {}
+    for alpha, name in zip(alphas, names, strict=True):
+        mixed = interpolate_weights(pretrained_tower, finetuned_tower, float(alpha))
+        written[float(alpha)] = export_image_tower(
+            model,
+            Path(out_dir) / name,
+            image_state=mixed,
+            include_text_tower=include_text_tower,
+            metadata={"wiseft_alpha": f"{float(alpha):g}"},
+        )
+    return written

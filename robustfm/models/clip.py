@@ -1,0 +1,221 @@
+"""open_clip models behind one wrapper: [0,1] pixels in, embeddings and intermediate patch tokens out.
+
+``build_clip_model`` is the "open_clip" family builder of :data:`robustfm.models.MODELS`. open_clip is imported only
+when a model is built, so importing this module (e.g. for ``ClipModel`` type hints) stays light.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustfm.models.pixels import PixelNormalize
+from robustfm.models.tokens import block_indices, check_tokens
+from robustfm.models.weights import (
+    check_pretrained_tag,
+    is_local_weights,
+    load_checked_state_dict,
+    pretrained_unavailable,
+    read_state_dict,
+    strip_prefix,
+)
+from robustfm.registry import UnknownNameError, did_you_mean
+
+#: JSON architecture configs shipped with robustfm, registered with open_clip like its own (``add_model_config``).
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+#: open_clip architectures robustfm ships (tests and the CPU demo use them through the same factory as ViT-B-32).
+TINY_CLIP_ARCHS = ("tiny-vit",)
+# open_clip keeps these as 0-dim parameters; DeepSpeed cannot broadcast/partition 0-dim parameters, so the wrapper
+# holds them as shape [1] and puts the original shape back on export.
+_SCALAR_PARAMETERS = ("logit_scale", "logit_bias")
+
+
+@functools.cache
+def _open_clip() -> Any:
+    """Import open_clip once and register robustfm's JSON configs with it."""
+    import open_clip
+
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
+    return open_clip
+
+
+class ClipModel(nn.Module):
+    """An open_clip CLIP model taking [0,1] pixels, with access to the patch tokens after chosen blocks.
+
+    Args:
+        clip: the open_clip model (``CLIP`` or ``CustomTextCLIP``) with a ViT image tower; kept as ``self.clip``
+            (export it with :func:`open_clip_state_dict`). Its 0-dim ``logit_scale`` (and ``logit_bias``) are
+            replaced in place by shape-[1] parameters with the same values.
+        tokenizer: open_clip tokenizer of the architecture (callable: list of str -> LongTensor).
+        arch: open_clip architecture name (``ViT-B-32``, ``tiny-vit``).
+        mean: per-channel mean of the model's preprocessing config.
+        std: per-channel standard deviation of the model's preprocessing config.
+        pretrained: where the weights came from (None: random init), kept for logs.
+    """
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer: Callable[..., torch.Tensor],
+        arch: str,
+        mean: Sequence[float],
+        std: Sequence[float],
+        pretrained: str | None = None,
+    ) -> None:
+        super().__init__()
+        visual = clip.visual
+        height, width = visual.image_size
+        if height != width:
+            raise ValueError(f"open_clip/{arch}: only square inputs are supported, got image size {visual.image_size}")
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.arch = arch
+        self.pretrained = pretrained
+        self.image_size = int(height)
+        self.grid_size = (int(visual.grid_size[0]), int(visual.grid_size[1]))
+        self.width = int(visual.transformer.width)
+        self.num_blocks = len(visual.transformer.resblocks)
+        self.embed_dim = int(visual.output_dim)
+        self.pixels = PixelNormalize(mean, std, self.image_size)
+
+        own_parameters = dict(clip.named_parameters(recurse=False))
+        self._export_shapes: dict[str, torch.Size] = {}
+        for name in _SCALAR_PARAMETERS:
+            parameter = own_parameters.get(name)
+            if parameter is not None:
+                self._export_shapes[name] = parameter.shape
+                setattr(clip, name, nn.Parameter(parameter.detach().reshape(1).clone(), parameter.requires_grad))
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        """Log of the contrastive temperature's inverse, shape [1]; the same parameter the open_clip model uses."""
+        return self.clip.logit_scale
+
+    def _weights_dtype(self) -> torch.dtype:
+        return self.clip.visual.conv1.weight.dtype
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image embeddings (not normalized) of [0,1] pixels; same as :meth:`encode_image`."""
+        return self.encode_image(pixels)
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Image embeddings ``(N, embed_dim)`` of [0,1] pixels ``(N, 3, S, S)``; unit length when ``normalize``."""
+        return self.clip.encode_image(self.pixels(pixels, self._weights_dtype()), normalize=normalize)
+
+    def encode_image_with_tokens(
+        self, pixels: torch.Tensor, blocks: Sequence[int], normalize: bool = False
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Image embeddings and the patch tokens after each of ``blocks`` from one forward pass.
+
+        Args:
+            pixels: [0,1] pixels ``(N, 3, S, S)``.
+            blocks: 1-based transformer blocks (1..num_blocks); block b means the residual stream after block b.
+            normalize: return unit-length embeddings.
+
+        Returns:
+            ``(embeddings (N, embed_dim), {block: tokens (N, gh*gw, width)})``: batch-first patch tokens in row-major
+            grid order, the class token removed, before any final norm.
+        """
+        indices = block_indices(blocks, self.num_blocks)
+        if not indices:
+            return self.encode_image(pixels, normalize), {}
+        x = self.pixels(pixels, self._weights_dtype())
+        out = self.clip.visual.forward_intermediates(x, indices=indices, output_fmt="NLC")
+        features = out["image_features"]
+        tokens = {
+            index + 1: check_tokens(t, x.shape[0], self.grid_size, self.width, index + 1)
+            for index, t in zip(indices, out["image_intermediates"], strict=True)
+        }
+        return (F.normalize(features, dim=-1) if normalize else features), tokens
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Token ids ``(N, context_length)`` (LongTensor, CPU) with the architecture's own tokenizer."""
+        if isinstance(texts, str):
+            raise TypeError("tokenize takes a sequence of strings, not one string")
+        return self.tokenizer(list(texts))
+
+    def encode_text(self, texts: Sequence[str] | torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Text embeddings ``(N, embed_dim)`` of strings or of token ids from :meth:`tokenize`."""
+        tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
+        return self.clip.encode_text(tokens.to(self.logit_scale.device), normalize=normalize)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass of both towers (less memory, ~30% more compute)."""
+        self.clip.set_grad_checkpointing(enable)
+
+    def image_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the image tower."""
+        return list(self.clip.visual.parameters())
+
+    def text_parameters(self) -> list[nn.Parameter]:
+        """Every other parameter: the text tower, ``logit_scale`` (and ``logit_bias`` where the model has one)."""
+        image = {id(p) for p in self.clip.visual.parameters()}
+        return [p for p in self.clip.parameters() if id(p) not in image]
+
+    def extra_repr(self) -> str:
+        return (
+            f"arch={self.arch!r}, pretrained={self.pretrained!r}, image_size={self.image_size}, "
+            f"grid_size={self.grid_size}, width={self.width}, num_blocks={self.num_blocks}, embed_dim={self.embed_dim}"
+        )
+
+
+def open_clip_state_dict(model: ClipModel) -> dict[str, torch.Tensor]:
+    """The state dict of ``model.clip`` as open_clip saves it (0-dim ``logit_scale``), loadable by
+    ``open_clip.create_model(arch, pretrained=path)``."""
+    state = model.clip.state_dict()
+    for name, shape in model._export_shapes.items():
+        state[name] = state[name].reshape(shape)
+    return state
+
+
+def load_clip_state_dict(model: ClipModel, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load a bare open_clip state dict or a :class:`ClipModel` state dict (``clip.`` keys) into ``model``, strictly."""
+    state = strip_prefix(state, "clip.")
+    for name in model._export_shapes:
+        if name in state and state[name].numel() == 1:
+            state[name] = state[name].reshape(1)
+    load_checked_state_dict(model.clip, state, source)
+
+
+def build_clip_model(arch: str, pretrained: str | None = None) -> ClipModel:
+    """Build ``open_clip/<arch>``: random init (``pretrained=None``), a local weights file, or a pretrained tag.
+
+    A tag's weights are fetched first, so that an offline machine fails at once with
+    :class:`~robustfm.models.weights.PretrainedUnavailableError` instead of inside model construction.
+    """
+    open_clip = _open_clip()
+    name = f"open_clip/{arch}"
+    known = open_clip.list_models()
+    if arch not in known:
+        raise UnknownNameError(
+            f"unknown open_clip architecture {arch!r}{did_you_mean(arch, known)} ({len(known)} known: see "
+            f"open_clip.list_models(); robustfm's tiny ones: {', '.join(TINY_CLIP_ARCHS)})"
+        )
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    local_file = pretrained is not None and is_local_weights(pretrained, tags)
+    if pretrained is None or local_file:
+        clip = open_clip.create_model(arch, pretrained=None)
+    else:
+        check_pretrained_tag(name, pretrained, tags)
+        tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+        try:
+            open_clip.download_pretrained(tag_cfg)
+        except Exception as error:  # the hub client raises many types (offline mode, HTTP, DNS); all mean unavailable
+            raise pretrained_unavailable(name, pretrained, error) from error
+        # Tags trained with QuickGELU (OpenAI's) give wrong features on a GELU graph; follow the tag's own config.
+        clip = open_clip.create_model(arch, pretrained=pretrained, force_quick_gelu=bool(tag_cfg.get("quick_gelu")))
+    if not isinstance(clip.visual, open_clip.transformer.VisionTransformer):
+        raise ValueError(f"{name}: robustfm needs an open_clip ViT image tower, got {type(clip.visual).__name__}")
+    preprocess = open_clip.get_model_preprocess_cfg(clip)
+    model = ClipModel(
+        clip, open_clip.get_tokenizer(arch), arch, preprocess["mean"], preprocess["std"], pretrained=pretrained
+    )
+    if local_file:
+        load_clip_state_dict(model, read_state_dict(pretrained), source=pretrained)
+    return model
