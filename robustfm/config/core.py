@@ -124,7 +124,7 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
             return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(path, f"expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin in (dict, Mapping, typing.Mapping):
         if not isinstance(value, Mapping):
             raise ConfigError(path, f"expected a mapping, got {value!r}")

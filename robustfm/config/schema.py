@@ -35,6 +35,9 @@ class TrackingConfig:
     """Local store (``mlflow.db`` + artifacts) used when no URI is given; resolved to an absolute path by the driver."""
     experiment: str = "robustfm"
     """MLflow experiment name."""
+    fallback_dir: str | None = None
+    """Local SQLite store that receives whatever an unreachable tracking server has not taken when a tracker closes
+    (nothing is lost; the path is logged). None: ``~/.cache/robustfm/mlflow-fallback`` on the machine that logged."""
 
 
 @dataclass(frozen=True)
