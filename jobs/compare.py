@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent", default=None, help="compare the child runs (trials) of this parent run id")
     parser.add_argument("--metric", nargs="*", default=(), help="metrics to show (default: all)")
     parser.add_argument("--target", default=None, help="metric for the sweep plots (default: the first --metric)")
-    parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or the local ./mlruns store")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or the local ./mlruns store"
+    )
     parser.add_argument("--out", default=None, help="output folder (default: outputs/compare/<experiment>)")
     args = parser.parse_args(argv)
 

@@ -168,7 +168,7 @@ def plot_sweep(comparison: Comparison, target: str, out_dir: str | Path) -> list
         if len(points) < 2:
             continue
         fig, ax = plt.subplots(figsize=(5, 4))
-        xs, ys = zip(*points)
+        xs, ys = zip(*points, strict=True)
         ax.scatter(xs, ys)
         if min(xs) > 0 and max(xs) / min(xs) > 50:
             ax.set_xscale("log")

@@ -145,4 +145,3 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.family!r}, {len(self)} entries)"
-

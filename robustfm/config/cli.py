@@ -36,7 +36,9 @@ def resolve_job_config(schema: type[T], args: argparse.Namespace) -> T:
     return config
 
 
-def parse_job_config(schema: type[T], argv: Sequence[str] | None, description: str, default_config: str | Path | None = None) -> T:
+def parse_job_config(
+    schema: type[T], argv: Sequence[str] | None, description: str, default_config: str | Path | None = None
+) -> T:
     """``job_argument_parser`` + ``resolve_job_config`` in one call, for jobs with no arguments of their own."""
     args = job_argument_parser(description, default_config).parse_args(argv)
     return resolve_job_config(schema, args)

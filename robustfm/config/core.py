@@ -111,7 +111,9 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
-            raise ConfigError(path, f"must be one of {choices}, got {value!r}{did_you_mean(str(value), [str(a) for a in args])}")
+            raise ConfigError(
+                path, f"must be one of {choices}, got {value!r}{did_you_mean(str(value), [str(a) for a in args])}"
+            )
         return value
     if dataclasses.is_dataclass(annotation):
         if isinstance(value, annotation):
@@ -124,7 +126,7 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
             return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(path, f"expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if origin in (dict, Mapping, typing.Mapping):
         if not isinstance(value, Mapping):
             raise ConfigError(path, f"expected a mapping, got {value!r}")
@@ -235,7 +237,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(
-    schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = (), base: Mapping[str, Any] | None = None
+    schema: type[T],
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    base: Mapping[str, Any] | None = None,
 ) -> T:
     """Resolve a config: schema defaults <- ``base`` <- YAML file <- ``key.sub=value`` overrides (in order).
 

@@ -53,4 +53,6 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         family, sep, arch = self.name.partition("/")
-        check(bool(sep and family and arch), "name", self.name, "must look like 'family/arch' (e.g. open_clip/ViT-B-32)")
+        check(
+            bool(sep and family and arch), "name", self.name, "must look like 'family/arch' (e.g. open_clip/ViT-B-32)"
+        )

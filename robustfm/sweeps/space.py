@@ -50,7 +50,9 @@ class Distribution:
         """Parse ``kind(args)``; errors name the parameter path."""
         match = _CALL.match(str(text))
         if not match or match.group(1) not in _ARITY:
-            raise ConfigError(f"space.{path}", f"expected one of {', '.join(f'{k}(...)' for k in _ARITY)}, got {text!r}")
+            raise ConfigError(
+                f"space.{path}", f"expected one of {', '.join(f'{k}(...)' for k in _ARITY)}, got {text!r}"
+            )
         kind, raw = match.groups()
         try:
             args = ast.literal_eval(f"({raw},)") if raw.strip() else ()
@@ -59,7 +61,12 @@ class Distribution:
         if len(args) != _ARITY[kind]:
             raise ConfigError(f"space.{path}", f"{kind} takes {_ARITY[kind]} arguments, got {len(args)}")
         if kind in ("choice", "grid"):
-            check(isinstance(args[0], (list, tuple)) and len(args[0]) > 0, f"space.{path}", args[0], "needs a non-empty list")
+            check(
+                isinstance(args[0], (list, tuple)) and len(args[0]) > 0,
+                f"space.{path}",
+                args[0],
+                "needs a non-empty list",
+            )
         else:
             low, high = args[0], args[1]
             check(low < high, f"space.{path}", args, "needs low < high")
@@ -132,8 +139,12 @@ class SweepSpace:
         check(len(self.space) > 0, "space", dict(self.space), "needs at least one parameter")
         dists = self.distributions()
         has_grid = any(d.kind == "grid" for d in dists.values())
-        check(not (has_grid and self.searcher.type == "optuna_tpe"), "searcher.type", self.searcher.type,
-              "grid(...) parameters need the grid or random searcher")
+        check(
+            not (has_grid and self.searcher.type == "optuna_tpe"),
+            "searcher.type",
+            self.searcher.type,
+            "grid(...) parameters need the grid or random searcher",
+        )
 
     def distributions(self) -> dict[str, Distribution]:
         """Parameter path -> parsed distribution."""

@@ -44,8 +44,21 @@ def sweep_store(tmp_path_factory):
 def test_compare_sweep_writes_table_and_plots(sweep_store, tmp_path, capsys):
     uri, parent_id, trials = sweep_store
     job = load_job("compare")
-    code = job.main(["--experiment", "sweep-exp", "--parent", parent_id, "--metric", "val/auroc", "train/loss",
-                     "--tracking-uri", uri, "--out", str(tmp_path)])
+    code = job.main(
+        [
+            "--experiment",
+            "sweep-exp",
+            "--parent",
+            parent_id,
+            "--metric",
+            "val/auroc",
+            "train/loss",
+            "--tracking-uri",
+            uri,
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     markdown = (tmp_path / "comparison.md").read_text()
     assert "stages.tune.lr" in markdown and "stages.tune.loss_weights.corruption" in markdown
@@ -55,8 +68,12 @@ def test_compare_sweep_writes_table_and_plots(sweep_store, tmp_path, capsys):
     for name, (lr, _, auroc) in trials.items():
         assert float(rows[name]["val/auroc"]) == pytest.approx(auroc)  # the final (last step) value
         assert float(rows[name]["stages.tune.lr"]) == pytest.approx(lr)
-    for png in ["curve_val_auroc.png", "curve_train_loss.png", "sweep_stages.tune.lr.png",
-                "sweep_stages.tune.loss_weights.corruption.png"]:
+    for png in [
+        "curve_val_auroc.png",
+        "curve_train_loss.png",
+        "sweep_stages.tune.lr.png",
+        "sweep_stages.tune.loss_weights.corruption.png",
+    ]:
         with Image.open(tmp_path / png) as image:
             assert image.size[0] > 100
     assert "trial-b" in capsys.readouterr().out
@@ -65,8 +82,12 @@ def test_compare_sweep_writes_table_and_plots(sweep_store, tmp_path, capsys):
 def test_compare_named_runs_and_errors(sweep_store, tmp_path, capsys):
     uri, _, _ = sweep_store
     job = load_job("compare")
-    assert job.main(["--experiment", "sweep-exp", "--runs", "trial-a", "trial-c", "--tracking-uri", uri,
-                     "--out", str(tmp_path)]) == 0
+    assert (
+        job.main(
+            ["--experiment", "sweep-exp", "--runs", "trial-a", "trial-c", "--tracking-uri", uri, "--out", str(tmp_path)]
+        )
+        == 0
+    )
     rows = list(csv.DictReader((tmp_path / "comparison.csv").open()))
     assert [r["run"] for r in rows] == ["trial-a", "trial-c"]
     assert job.main(["--experiment", "sweep-exp", "--runs", "trial-z", "--tracking-uri", uri]) == 2

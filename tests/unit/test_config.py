@@ -94,6 +94,18 @@ def test_every_validation_error_names_its_field(overrides, field_path, fragment)
     assert str(err.value).startswith(field_path)
 
 
+def test_fixed_size_tuples_are_checked_per_position():
+    @dataclass(frozen=True)
+    class WithBetas:
+        betas: tuple[float, float] = (0.9, 0.98)
+
+    assert load_config(WithBetas, None, ["betas=[0.5, 0.9]"]).betas == (0.5, 0.9)
+    with pytest.raises(ConfigError, match=r"betas\[1\]: expected a number, got 'x'"):
+        load_config(WithBetas, None, ["betas=[0.5, x]"])
+    with pytest.raises(ConfigError, match="expected a list of 2 values"):
+        load_config(WithBetas, None, ["betas=[0.5]"])
+
+
 def test_missing_or_broken_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml' does not exist"):
         load_config(JobSketch, tmp_path / "nope.yaml")

@@ -29,9 +29,17 @@ def test_job_upload_contains_code_only(tmp_path, respect_gitignore):
     checkout = tmp_path / "checkout"
     code = ["robustfm/registry.py", "jobs/cgclip.py", "configs/cgclip/demo.yaml", "pyproject.toml"]
     # What a user's checkout holds after a few runs; none of it may travel.
-    planted = [".git/HEAD", ".venv/lib/x.py", "mlruns/mlflow.db", "mlflow.db", "data/shards/part-0.parquet",
-               "checkpoints/step_10/model.pt", "outputs/demo/model.safetensors", ".cache/ds/op.so",
-               "robustfm/__pycache__/registry.cpython-311.pyc"]
+    planted = [
+        ".git/HEAD",
+        ".venv/lib/x.py",
+        "mlruns/mlflow.db",
+        "mlflow.db",
+        "data/shards/part-0.parquet",
+        "checkpoints/step_10/model.pt",
+        "outputs/demo/model.safetensors",
+        ".cache/ds/op.so",
+        "robustfm/__pycache__/registry.cpython-311.pyc",
+    ]
     for rel in code + planted:
         (checkout / rel).parent.mkdir(parents=True, exist_ok=True)
         (checkout / rel).write_bytes(b"x")

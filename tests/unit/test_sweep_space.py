@@ -33,9 +33,11 @@ def write_space(tmp_path, **changes):
         "metric": "val/auroc",
         "searcher": {"type": "optuna_tpe", "seed": 1},
         "scheduler": {"type": "asha", "grace_period": 1},
-        "space": {"stages.tune.loss_weights.corruption": "loguniform(0.1, 10)",
-                  "stages.tune.lr.decoder": "uniform(1e-5, 1e-3)",
-                  "stages.tune.epochs": "choice([1, 2])"},
+        "space": {
+            "stages.tune.loss_weights.corruption": "loguniform(0.1, 10)",
+            "stages.tune.lr.decoder": "uniform(1e-5, 1e-3)",
+            "stages.tune.epochs": "choice([1, 2])",
+        },
     }
     data.update(changes)
     path = tmp_path / "space.yaml"

@@ -1,0 +1,36 @@
+"""CG-CLIP end to end: Adapt-Isolate-Tune fine-tuning, milestone evaluations, export (robustfm/recipes/cgclip.py).
+
+python jobs/cgclip.py --config configs/cgclip/demo.yaml              # laptop: embedded Ray, tiny model
+ray job submit --working-dir . -- python jobs/cgclip.py --config configs/cgclip/vit_b32.yaml ray.address=auto
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from robustfm.config.cli import job_argument_parser, resolve_job_config
+from robustfm.recipes.cgclip_config import CGClipRecipeConfig, check_paths
+from robustfm.runtime import init_ray
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cgclip" / "demo.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = job_argument_parser(__doc__, DEFAULT_CONFIG).parse_args(argv)
+    cfg = resolve_job_config(CGClipRecipeConfig, args)
+    problems = check_paths(cfg)  # a missing data path fails here, before Ray starts
+    if problems:
+        print("config error: " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    init_ray(cfg.ray)
+    from robustfm.recipes.cgclip import run
+
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

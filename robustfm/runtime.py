@@ -1,0 +1,33 @@
+"""Starting or joining Ray the same way in every job."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from robustfm.config.schema import RayConfig
+
+logger = logging.getLogger("robustfm")
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Join the cluster (``address``, or ``$RAY_ADDRESS`` as set by ``ray job submit``) or start an embedded Ray.
+
+    The embedded Ray binds to 127.0.0.1, and its dashboard (off by default) too.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        logger.info("joined Ray at %s", address)
+        return
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        include_dashboard=cfg.include_dashboard,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+    )
+    logger.info("started an embedded Ray with %s CPUs", cfg.num_cpus or os.cpu_count())
