@@ -1,0 +1,106 @@
+"""Config sections of the data part: converting a source to shards, and reading shards for training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from robustfm.config.core import check
+from robustfm.config.schema import RayConfig
+
+
+def _is_s3(path: str) -> bool:
+    return path.startswith("s3://")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where the original images are and how they are laid out."""
+
+    kind: str = "image_folder"
+    """A name from ``robustfm.data.SOURCES``: ``coco`` (train2017/ + annotations/), ``imagenet`` (train/<wnid>/,
+    val/), ``image_folder`` (<class>/<image>, optionally under <split>/)."""
+    root: str = ""
+    """Local directory or ``s3://bucket/prefix`` holding the tree."""
+    splits: tuple[str, ...] = ()
+    """Splits to convert (``train``, ``val``); empty: every split the tree has."""
+
+    def __post_init__(self) -> None:
+        from robustfm.data.sources import SOURCES  # the registry lists names without importing any source
+
+        check(bool(self.root), "root", self.root, "must name the directory (or s3:// prefix) holding the data")
+        try:
+            SOURCES.check(self.kind)
+        except KeyError as err:
+            check(False, "kind", self.kind, str(err))
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """``jobs/prepare_data.py``: convert a source tree into Parquet shards plus ``manifest.json``."""
+
+    source: SourceConfig = field(default_factory=SourceConfig)
+    """What to convert."""
+    output: str = "data/shards"
+    """Directory or ``s3://bucket/prefix`` for the shards; rerunning with the same output resumes."""
+    shard_size: int = 1000
+    """Images per shard (before skipped files are removed). ~1000 ImageNet JPEGs make a ~110 MB shard: large
+    enough for efficient S3 reads, small enough to parallelise a conversion over many CPUs."""
+    mix_seed: int | None = 0
+    """Each split's files are put in this seeded random order before being cut into shards, so every shard is a
+    class-mixed sample (readers shuffle shard order and rows within windows of shards; they rely on it). None keeps
+    the listing order (sorted paths): shards then hold one or two classes each."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, a test server) when not AWS; ``$AWS_ENDPOINT_URL`` is used when unset.
+    Only the URL: credentials always come from the environment (never from configs)."""
+    verify_checksums: bool = True
+    """On resume, re-hash finished shards before trusting them (reads every finished shard once)."""
+    cpus_per_task: float = 1.0
+    """CPUs each conversion task reserves."""
+    progress: bool = True
+    """Show a tqdm progress bar on the driver."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Ray to start when none is running."""
+
+    def __post_init__(self) -> None:
+        check(self.shard_size > 0, "shard_size", self.shard_size, "must be positive")
+        check(bool(self.output), "output", self.output, "must name a directory or s3:// prefix")
+        check(self.cpus_per_task > 0, "cpus_per_task", self.cpus_per_task, "must be positive")
+        endpoint = self.s3_endpoint_url
+        check(
+            endpoint is None or endpoint.startswith(("http://", "https://")),
+            "s3_endpoint_url",
+            endpoint,
+            "must be an http(s):// URL",
+        )
+        check(
+            endpoint is None or "@" not in endpoint,
+            "s3_endpoint_url",
+            "<redacted>",
+            "must hold only the endpoint URL, never credentials",
+        )
+
+
+@dataclass(frozen=True)
+class ShardDataConfig:
+    """Reading shards for training and evaluation (used by recipes to build a ``ShardBatchSource``)."""
+
+    path: str = "data/shards"
+    """Directory or ``s3://bucket/prefix`` written by ``jobs/prepare_data.py``."""
+    train_split: str = "train"
+    """Split used for training."""
+    eval_split: str = "val"
+    """Split used for evaluation."""
+    image_size: int = 224
+    """Side of the square crops fed to the model."""
+    batch_size: int = 64
+    """Per-worker batch size."""
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    """Area fraction range of training random-resized crops (open_clip's fine-tuning default)."""
+    s3_endpoint_url: str | None = None
+    """As in :class:`PrepareConfig`: only the endpoint URL."""
+
+    def __post_init__(self) -> None:
+        check(self.image_size > 0, "image_size", self.image_size, "must be positive")
+        check(self.batch_size > 0, "batch_size", self.batch_size, "must be positive")
+        low, high = self.crop_scale
+        check(0 < low <= high <= 1, "crop_scale", self.crop_scale, "must satisfy 0 < low <= high <= 1")

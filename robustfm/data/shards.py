@@ -1,0 +1,249 @@
+"""The shard format: Parquet files of encoded images plus a ``manifest.json``, on local disk or S3.
+
+Layout under an output directory (local path or ``s3://bucket/prefix``)::
+
+    manifest.json                      counts, classes, skipped files, source, schema version, shard checksums
+    train/shard-00000.parquet ...      one row per image (see :func:`shard_schema`)
+    val/shard-00000.parquet ...
+    _done/train-shard-00000.json ...   one record per finished shard: what the converter needs to resume
+
+Every file is written atomically (:func:`write_bytes_atomic`): readers never see half a shard or half a manifest.
+Later parts add columns (masks, ...) by bumping :data:`SCHEMA_VERSION` and extending :func:`shard_schema`; readers
+select the columns they know, so older shards stay readable.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DONE_DIR = "_done"
+BASE_COLUMNS = ("id", "image", "label", "class_name", "captions", "source_path", "width", "height", "row")
+
+
+def shard_schema() -> pa.Schema:
+    """Columns of schema version 1.
+
+    ``row`` (the row's position inside its shard) is an addition to the interface: with the manifest's row
+    counts it gives every sample a global index, which makes seeded shuffles and rank shares exact.
+    """
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("image", pa.binary(), nullable=False),
+            pa.field("label", pa.int64(), nullable=False),
+            pa.field("class_name", pa.string(), nullable=False),
+            pa.field("captions", pa.list_(pa.string()), nullable=False),
+            pa.field("source_path", pa.string(), nullable=False),
+            pa.field("width", pa.int32(), nullable=False),
+            pa.field("height", pa.int32(), nullable=False),
+            pa.field("row", pa.int32(), nullable=False),
+        ],
+        metadata={"robustfm.schema_version": str(SCHEMA_VERSION)},
+    )
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index`` inside its split folder."""
+    return f"shard-{index:05d}.parquet"
+
+
+def done_record_name(split: str, index: int) -> str:
+    """Path (relative to the output) of the done record of one shard."""
+    return f"{DONE_DIR}/{split}-shard-{index:05d}.json"
+
+
+# --- file systems ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Location:
+    """A local directory or S3 prefix (no credentials inside: it goes into configs, logs and manifests)."""
+
+    uri: str
+    endpoint_url: str | None = None
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+    @property
+    def canonical(self) -> str:
+        """``s3://...`` as given, or the absolute local path (what manifests record)."""
+        return self.uri if self.is_s3 else self.base
+
+    @property
+    def base(self) -> str:
+        """The path inside the file system: an absolute local path, or ``bucket/prefix``."""
+        if self.is_s3:
+            return self.uri[len("s3://") :].rstrip("/")
+        return os.path.abspath(os.path.expanduser(self.uri))
+
+    def resolved_endpoint(self) -> str | None:
+        """The S3 endpoint URL: the configured one, else ``$AWS_ENDPOINT_URL_S3`` / ``$AWS_ENDPOINT_URL``."""
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+    def filesystem(self) -> pafs.FileSystem:
+        """A pyarrow file system for this location.
+
+        S3 credentials come from the environment only. When this process has ``AWS_ACCESS_KEY_ID`` /
+        ``AWS_SECRET_ACCESS_KEY`` (/ ``AWS_SESSION_TOKEN``) they are set on the file system explicitly, so that Ray
+        tasks it is pickled into (our conversion tasks, Ray Data's read tasks) use the driver's credentials even
+        when their worker processes were started without them; otherwise each process resolves its own (instance
+        role, profile). The file system object is never logged or written anywhere.
+        """
+        if not self.is_s3:
+            return pafs.LocalFileSystem()
+        endpoint = self.resolved_endpoint()
+        options: dict[str, Any] = {}
+        if endpoint:
+            parsed = urlparse(endpoint)
+            options["endpoint_override"] = parsed.netloc or parsed.path
+            options["scheme"] = parsed.scheme or "https"
+        # An explicit region avoids pyarrow's region lookup, which contacts AWS (slow or impossible offline).
+        if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+            options["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+            options["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
+            if os.environ.get("AWS_SESSION_TOKEN"):
+                options["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+        options["region"] = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return pafs.S3FileSystem(**options)
+
+    def join(self, *parts: str) -> str:
+        """A path inside the file system below this location."""
+        return posixpath.join(self.base, *parts) if self.is_s3 else os.path.join(self.base, *parts)
+
+    def display(self, *parts: str) -> str:
+        """A path for messages (``s3://...`` kept)."""
+        return posixpath.join(self.uri.rstrip("/"), *parts) if parts else self.uri
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    """True when ``path`` is a file."""
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    """The whole content of a file."""
+    with fs.open_input_stream(path) as stream:
+        return stream.readall()
+
+
+def write_bytes_atomic(location: Location, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` (a path inside ``location``'s file system) so no reader sees a partial file.
+
+    Local disks: write a temporary sibling, fsync, then rename over the target (atomic on POSIX). S3: one
+    ``PutObject`` of the whole buffer; S3 makes an object visible only once such a request completed, and a failed
+    request leaves nothing behind (a multipart upload could be completed with missing parts by a careless close).
+    A single PUT takes up to 5 GB, far above any sensible shard.
+    """
+    if location.is_s3:
+        bucket, _, key = path.partition("/")
+        _s3_client(location.resolved_endpoint()).put_object(Bucket=bucket, Key=key, Body=data)
+        return
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_client(endpoint_url: str | None) -> Any:
+    import boto3  # credentials: boto3's default chain (environment, profile, instance role)
+
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+
+
+def sha256(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- shards ------------------------------------------------------------------------------------------------------
+
+
+def encode_shard(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """Serialize rows (dicts with the schema's columns, ``row`` filled in here) to Parquet bytes."""
+    schema = shard_schema()
+    columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+    for position, row in enumerate(rows):
+        for name in schema.names:
+            columns[name].append(position if name == "row" else row[name])
+    table = pa.Table.from_pydict(columns, schema=schema)
+    buffer = io.BytesIO()
+    # Encoded images do not compress further; the text columns do.
+    compression = {name: ("NONE" if name == "image" else "ZSTD") for name in schema.names}
+    pq.write_table(table, buffer, compression=compression, row_group_size=256)
+    return buffer.getvalue()
+
+
+# --- manifest ----------------------------------------------------------------------------------------------------
+
+
+class ManifestError(ValueError):
+    """A shard directory without a (valid) manifest, or a split it does not have."""
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
+    """Parse a JSON file."""
+    return json.loads(read_bytes(fs, path).decode("utf-8"))
+
+
+def write_json_atomic(location: Location, path: str, data: Mapping[str, Any]) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    write_bytes_atomic(location, path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def load_manifest(location: Location) -> dict[str, Any]:
+    """The manifest of a shard directory.
+
+    Raises:
+        ManifestError: naming the directory when there is no manifest or it is of a newer schema version.
+    """
+    fs = location.filesystem()
+    path = location.join(MANIFEST_NAME)
+    if not exists(fs, path):
+        raise ManifestError(
+            f"{location.display(MANIFEST_NAME)} does not exist: {location.uri!r} is not a finished shard directory "
+            "(run jobs/prepare_data.py to create it, or rerun it to finish an interrupted conversion)"
+        )
+    manifest = read_json(fs, path)
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise ManifestError(
+            f"{location.display(MANIFEST_NAME)}: schema_version {version!r} is not readable by this robustfm "
+            f"(reads up to {SCHEMA_VERSION})"
+        )
+    return manifest
+
+
+def split_shards(manifest: Mapping[str, Any], split: str, where: str = "") -> list[dict[str, Any]]:
+    """The shard entries (``file``, ``rows``, ``sha256``, ``bytes``) of ``split``, in shard order."""
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise ManifestError(f"{where or 'manifest'} has no split {split!r}; it has {sorted(splits)}")
+    return list(splits[split]["shards"])
