@@ -1,0 +1,160 @@
+"""Throughput of robustfm's batched torch corruptions against imagecorruptions 1.1.2, same images, same run, one core.
+
+    python benchmarks/corruptions.py                  # all 19 at severity 3 on 224 px photos
+    python benchmarks/corruptions.py --names fog,snow --batch-size 64
+
+For each corruption: images/s of the reference (numpy/OpenCV, one image at a time, as it is used) and of ours
+(``corrupt_batch``, random draws included), both pinned to one thread and timed in process CPU time, and their
+ratio (best of alternating rounds on each side, to damp a shared machine's noise). Prints the table and the
+arithmetic and geometric means of the ratios. Parity itself is tested in tests/unit/test_corruptions_parity.py.
+With a CUDA device it also prints images/s on the GPU for each seen corruption and a mixed seen batch (batch of
+``--gpu-batch-size``, draws made on the GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = "1"  # before numpy/torch load: one core per side
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit"))  # the reference's compat fixes
+
+from robustfm.corruptions import CORRUPTION_SETS, corrupt_batch  # noqa: E402
+
+
+def photos(size: int, count: int) -> list[np.ndarray]:
+    """``count`` square crops of scikit-image's colour photos (flipped copies when more are needed)."""
+    import skimage.data
+
+    out = []
+    for i in range(count):
+        pixels = getattr(skimage.data, ("astronaut", "chelsea", "coffee", "rocket")[i % 4])()
+        side = min(pixels.shape[:2])
+        top, left = (pixels.shape[0] - side) // 2, (pixels.shape[1] - side) // 2
+        img = np.asarray(Image.fromarray(pixels[top : top + side, left : left + side]).resize((size, size)))
+        out.append(img[:, ::-1].copy() if (i // 4) % 2 else img)
+    return out
+
+
+def rate(fn, items: int, min_time: float, clock=time.process_time) -> float:
+    """Items per second of ``fn``, repeated until ``min_time`` seconds of ``clock`` (at least one call).
+
+    The CPU benchmark counts this process's CPU time: with one thread per side it is the cost on one core, and it
+    does not charge either side for time the scheduler gave to other processes of a shared machine.
+    """
+    calls, start = 0, clock()
+    while True:
+        fn()
+        calls += 1
+        elapsed = clock() - start
+        if elapsed >= min_time:
+            return calls * items / elapsed
+
+
+def best_rates(reference_fn, our_fn, our_items: int, min_time: float, rounds: int) -> tuple[float, float]:
+    """Best rate of each side over ``rounds`` alternating rounds (after one warm-up call each).
+
+    Alternating and keeping the best damps the noise of a shared machine: both sides get the same chances.
+    """
+    reference_fn()
+    our_fn()
+    ref_best = our_best = 0.0
+    for _ in range(rounds):
+        ref_best = max(ref_best, rate(reference_fn, 1, min_time / rounds))
+        our_best = max(our_best, rate(our_fn, our_items, min_time / rounds))
+    return ref_best, our_best
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--names", default="all", help="comma-separated corruptions, or a set name (default: all)")
+    parser.add_argument("--severity", type=int, default=3)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32, help="our batch (the reference runs image by image)")
+    parser.add_argument("--min-time", type=float, default=1.5, help="seconds of timing per side and corruption")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds; the best of each side")
+    parser.add_argument("--gpu-batch-size", type=int, default=256)
+    args = parser.parse_args(argv)
+
+    from _imagecorruptions_compat import load_reference
+
+    torch.set_num_threads(1)
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
+    reference = load_reference()
+    names = CORRUPTION_SETS.get(args.names) or tuple(args.names.split(","))
+    images = photos(args.size, args.batch_size)
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    seeds = list(range(args.batch_size))
+    pil_images = [Image.fromarray(img) for img in images]
+
+    print(f"corruptions at severity {args.severity}, {args.size} px, one thread each side, CPU time")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"{'corruption':<18} {'reference img/s':>16} {'robustfm img/s':>15} {'ratio':>8}")
+    ratios = []
+    for name in names:
+        ref_fn = getattr(reference, name)
+        state = {"i": 0}
+
+        def run_reference(ref_fn=ref_fn, state=state):
+            np.random.seed(state["i"])
+            ref_fn(pil_images[state["i"] % len(pil_images)], args.severity)
+            state["i"] += 1
+
+        def run_ours(name=name):
+            corrupt_batch(batch, [name] * len(seeds), [args.severity] * len(seeds), seeds)
+
+        ref_rate, our_rate = best_rates(run_reference, run_ours, len(seeds), args.min_time, args.rounds)
+        ratios.append(our_rate / ref_rate)
+        print(f"{name:<18} {ref_rate:>16.1f} {our_rate:>15.1f} {our_rate / ref_rate:>7.1f}x", flush=True)
+    geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    print(f"mean ratio {sum(ratios) / len(ratios):.1f}x (geometric mean {geo:.1f}x) over {len(ratios)} corruptions")
+
+    if torch.cuda.is_available():
+        gpu_benchmark(args)
+
+
+def gpu_benchmark(args: argparse.Namespace) -> None:
+    """Images/s on the GPU for each seen corruption and for a mixed seen batch (draws included)."""
+    device = torch.device("cuda")
+    n = args.gpu_batch_size
+    images = torch.rand((n, 3, args.size, args.size), device=device)
+    seeds = list(range(n))
+    print(f"\nGPU {torch.cuda.get_device_name(device)}: batch {n}, severity {args.severity}, {args.size} px")
+    seen = CORRUPTION_SETS["seen"]
+    for name in seen:
+
+        def run(name=name):
+            corrupt_batch(images, [name] * n, [args.severity] * n, seeds, draw_device=device)
+            torch.cuda.synchronize()
+
+        run()
+        print(f"{name:<18} {rate(run, n, args.min_time, time.perf_counter):>12.0f} img/s", flush=True)
+    mixed = [seen[i % len(seen)] for i in range(n)]
+
+    def run_mixed():
+        corrupt_batch(images, mixed, [args.severity] * n, seeds, draw_device=device)
+        torch.cuda.synchronize()
+
+    run_mixed()
+    print(f"{'mixed seen batch':<18} {rate(run_mixed, n, args.min_time, time.perf_counter):>12.0f} img/s")
+
+
+if __name__ == "__main__":
+    main()

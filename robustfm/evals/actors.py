@@ -1,0 +1,125 @@
+"""The base of every suite's scoring actor: a callable class that holds the model and scores one batch of rows.
+
+Ray Data runs it with ``map_batches(ActorClass, compute=ActorPoolStrategy(min_size, max_size))``: each actor builds
+the model once in ``__init__`` and then receives numpy batches of shard rows. The output schema of a suite is fixed
+(:meth:`ScoringActor.output_fields`), and rows whose image cannot be decoded come back as placeholder rows with
+``status`` set to the skip reason, so that the driver counts them exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from robustfm.evals.data import decode_batch
+from robustfm.evals.model_ref import ModelRef
+
+STATUS_OK = "ok"
+# (numpy dtype, per-row shape) of an output column; strings use dtype object.
+FieldSpec = tuple[Any, tuple[int, ...]]
+
+
+class ScoringActor(ABC):
+    """Loads the model once, then turns batches of shard rows into scored rows.
+
+    Args:
+        model_ref: the model to build.
+        params: the suite's scorer parameters (prompts, corruption names, class names...), plain data.
+        seed: run seed of per-sample draws.
+        threads: ``torch.set_num_threads`` for this actor (1 per reserved CPU keeps actors from oversubscribing).
+        device: ``cpu`` or ``cuda``.
+        crash_once_marker: fault injection for tests: the first actor to find this path absent creates it and kills
+            its own process (``os._exit``) on its first batch, so Ray must restart it and retry the batch.
+    """
+
+    def __init__(
+        self,
+        model_ref: ModelRef,
+        params: Mapping[str, Any],
+        seed: int,
+        threads: int = 1,
+        device: str = "cpu",
+        crash_once_marker: str | None = None,
+    ) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        # A randomly initialized model (no weights) must be the same network in every actor of the pool.
+        torch.manual_seed(seed)
+        self.model = model_ref.load().to(self.device)
+        self.params = dict(params)
+        self.seed = seed
+        self.crash_once_marker = crash_once_marker
+        with torch.inference_mode():
+            self.setup()
+        self._fields = {"id": (object, ()), "status": (object, ()), "actor_pid": (np.int64, ()), **self.output_fields()}
+
+    def setup(self) -> None:  # noqa: B027  (optional hook: most scorers need no per-actor preparation)
+        """Work done once per actor after the model is built (e.g. text embeddings of prompts)."""
+
+    @abstractmethod
+    def output_fields(self) -> dict[str, FieldSpec]:
+        """The suite's output columns besides ``id`` and ``status``: name -> (dtype, per-row shape)."""
+
+    @abstractmethod
+    def score(self, batch: Mapping[str, np.ndarray], pixels: Any) -> list[dict[str, Any]]:
+        """Score the decodable rows of a batch.
+
+        Args:
+            batch: the batch's columns, restricted to the decodable rows, in order.
+            pixels: float32 tensor [n, 3, S, S] in [0, 1] on the actor's device, one per row of ``batch``.
+
+        Returns:
+            Output rows (each with ``id`` and every field of :meth:`output_fields`; ``status`` defaults to ok).
+        """
+
+    def _maybe_crash(self) -> None:
+        if self.crash_once_marker is None:
+            return
+        try:
+            # O_EXCL makes exactly one actor, once, the victim, even with several actors racing.
+            os.close(os.open(self.crash_once_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        os._exit(1)
+
+    def encode_images(self, pixels: Any) -> Any:
+        """L2-normalized float32 image embeddings of a pixel batch."""
+        return self.model.encode_image(pixels, normalize=True).float()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        self._maybe_crash()
+        ids = [str(i) for i in batch["id"]]
+        pixels, reasons = decode_batch(batch["image"], ids, self.model.image_size)
+        good = [i for i, reason in enumerate(reasons) if reason is None]
+        rows: list[dict[str, Any]] = []
+        if good:
+            subset = {key: np.asarray(values)[good] for key, values in batch.items() if key != "image"}
+            subset["id"] = np.asarray([ids[i] for i in good], dtype=object)
+            with torch.inference_mode():
+                rows = self.score(subset, torch.from_numpy(pixels).to(self.device))
+        rows.extend({"id": ids[i], "status": reason} for i, reason in enumerate(reasons) if reason is not None)
+        for row in rows:
+            row["actor_pid"] = os.getpid()  # which actor scored the row: shows how work spread over the pool
+        return self._columns(rows)
+
+    def _columns(self, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        columns: dict[str, np.ndarray] = {}
+        for name, (dtype, shape) in self._fields.items():
+            if dtype is object:
+                default = STATUS_OK if name == "status" else ""
+                columns[name] = np.asarray([row.get(name, default) for row in rows] or [], dtype=object)
+            else:
+                values = np.zeros((len(rows), *shape), dtype=dtype)
+                for index, row in enumerate(rows):
+                    if name in row:
+                        values[index] = row[name]
+                columns[name] = values
+        return columns

@@ -1,0 +1,126 @@
+"""The images a suite scores: shard rows or generated synthetic rows, and their eval-time preprocessing.
+
+Rows keep the shard schema of ``robustfm.data`` (``id``, ``image`` as encoded bytes, ``label``, ``class_name``,
+``captions``), so decoding happens inside the scoring actors, where an undecodable file becomes a counted skip
+instead of a failed job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from robustfm.evals.config import EvalDataConfig
+from robustfm.seeding import sample_seed
+
+PREPROCESSING = (
+    "decode RGB (EXIF-upright) -> resize shorter side to the model's image_size (bicubic) -> center crop -> [0,1]"
+)
+SYNTHETIC_CLASSES = ("cat", "dog", "car", "tree", "boat", "house", "bird", "flower", "chair", "clock")
+_COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+_PLACES = ("on a table", "in a field", "near the sea", "in a city", "in the snow")
+BAD_IMAGE_BYTES = b"this is not an image file"
+
+
+def synthetic_rows(data: EvalDataConfig, seed: int) -> list[dict[str, Any]]:
+    """Deterministic rows of smooth random images (PNG bytes), labels, class names and 5 captions each.
+
+    Args:
+        data: how many rows, classes and pixels.
+        seed: run seed; each image is drawn from ``sample_seed(id, 0, "synthetic_image", seed)``.
+    """
+    from PIL import Image
+
+    rows = []
+    size = data.synthetic_image_size
+    for index in range(data.synthetic_samples):
+        sample_id = f"synthetic-{index:06d}"
+        rng = np.random.default_rng(sample_seed(sample_id, 0, "synthetic_image", seed))
+        label = index % data.synthetic_classes
+        class_name = SYNTHETIC_CLASSES[label % len(SYNTHETIC_CLASSES)] + (
+            "" if label < len(SYNTHETIC_CLASSES) else f" {label}"
+        )
+        # Upsampled low-resolution noise: smooth structure, so blurs and JPEG change it the way they change photos.
+        coarse = rng.integers(0, 256, size=(max(2, size // 8), max(2, size // 8), 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        encoded = buffer.getvalue() if index < data.synthetic_samples - data.synthetic_bad_images else BAD_IMAGE_BYTES
+        captions = [
+            f"a {_COLORS[int(rng.integers(len(_COLORS)))]} {class_name} {_PLACES[int(rng.integers(len(_PLACES)))]}"
+            for _ in range(5)
+        ]
+        rows.append({"id": sample_id, "image": encoded, "label": label, "class_name": class_name, "captions": captions})
+    return rows
+
+
+def load_eval_dataset(data: EvalDataConfig, seed: int, columns: Sequence[str]) -> Any:
+    """A ``ray.data.Dataset`` of the rows to score, restricted to ``columns`` (``id`` and ``image`` always).
+
+    ``max_samples`` keeps the first N rows by id, so the same ids are scored whatever the shard layout.
+    """
+    import ray.data
+
+    wanted = list(dict.fromkeys(["id", "image", *columns]))
+    if data.shards is None:
+        rows = synthetic_rows(data, seed)
+        if data.max_samples is not None:
+            rows = sorted(rows, key=lambda r: r["id"])[: data.max_samples]
+        # Several blocks, so that an actor pool has batches to share even on tiny data.
+        blocks = max(1, min(len(rows), 8))
+        return ray.data.from_items([{k: r[k] for k in wanted} for r in rows], override_num_blocks=blocks)
+    from robustfm.data import open_shards, shard_schema
+
+    missing = [c for c in wanted if c not in shard_schema().names]
+    if missing:
+        raise ValueError(f"shards {data.shards!r} (split {data.split!r}) lack column(s) {missing} this suite needs")
+    dataset = open_shards(data.shards, data.split, columns=wanted)
+    if data.max_samples is not None:
+        dataset = dataset.sort("id").limit(data.max_samples)
+    return dataset
+
+
+def eval_transform(image: Any, size: int) -> np.ndarray:
+    """A PIL RGB image -> float32 [3, size, size] in [0, 1] (shorter side resized bicubic, then center crop)."""
+    from PIL import Image
+
+    width, height = image.size
+    scale = size / min(width, height)
+    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
+    left = (resized.width - size) // 2
+    top = (resized.height - size) // 2
+    cropped = resized.crop((left, top, left + size, top + size))
+    return np.asarray(cropped, dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+
+def decode_batch(encoded: Sequence[bytes], ids: Sequence[str], size: int) -> tuple[np.ndarray, list[str | None]]:
+    """Decode a batch of encoded images.
+
+    Returns:
+        ``pixels`` [n_ok, 3, size, size] of the decodable images (in order), and per input row ``None`` when it
+        decoded or the skip reason (``robustfm.data.images.SkipReason``) when it did not.
+    """
+    from robustfm.data.images import ImageDecodeError, load_rgb
+
+    pixels, reasons = [], []
+    for data, sample_id in zip(encoded, ids, strict=True):
+        try:
+            pixels.append(eval_transform(load_rgb(bytes(data), name=f"sample {sample_id}"), size))
+            reasons.append(None)
+        except ImageDecodeError as err:
+            reasons.append(err.reason)
+    stacked = np.stack(pixels) if pixels else np.zeros((0, 3, size, size), dtype=np.float32)
+    return stacked, reasons
+
+
+def ids_hash(ids: Sequence[str]) -> str:
+    """SHA-256 of the sorted, newline-joined sample ids: the protocol's fingerprint of which samples were used."""
+    digest = hashlib.sha256()
+    for sample_id in sorted(set(ids)):
+        digest.update(sample_id.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()

@@ -1,0 +1,109 @@
+"""What a suite is: its data, its scoring actor class, its aggregation and the direction of every metric.
+
+A suite subclass is registered in ``robustfm.evals.SUITES``; :func:`robustfm.evals.runner.run_suite` runs any of them
+the same way (Ray Data actor pool -> rows on the driver -> :meth:`Suite.aggregate` -> protocol, artifacts, MLflow).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from robustfm.config.core import to_dict
+from robustfm.evals.actors import ScoringActor
+from robustfm.evals.config import EvalConfig, EvalDataConfig
+from robustfm.evals.metrics import MetricSpec, MetricTable
+
+
+@dataclass
+class Plot:
+    """A figure as data, so that the report card can overlay two models' series on the same axes.
+
+    Attributes:
+        name: file stem of the PNG.
+        title, xlabel, ylabel: axis text.
+        series: label -> (x values, y values).
+        kind: ``line`` (x numeric) or ``bar`` (x categorical; every series shares the x labels).
+    """
+
+    name: str
+    title: str
+    xlabel: str
+    ylabel: str
+    series: dict[str, tuple[list[Any], list[float]]]
+    kind: Literal["line", "bar"] = "line"
+
+
+@dataclass
+class SuiteOutput:
+    """What a suite's aggregation produces from the scored rows."""
+
+    metrics: MetricTable
+    table: list[dict[str, Any]]
+    """One row per (condition, metric) or similar: the table artifact (CSV and JSON)."""
+    plots: list[Plot] = field(default_factory=list)
+
+
+class Suite(ABC):
+    """One evaluation: subclasses set the class attributes and implement the three hooks.
+
+    Args:
+        cfg: the evaluation config; the suite reads its own section (:attr:`config_section`).
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str]
+    """Bumped whenever a change could move a number: results of different versions are not comparable."""
+    config_section: ClassVar[str]
+    """Attribute of :class:`EvalConfig` holding this suite's config (it has a ``data`` field)."""
+    scorer: ClassVar[type[ScoringActor]]
+    """The per-batch scoring actor class."""
+    columns: ClassVar[tuple[str, ...]] = ()
+    """Data columns the scorer reads besides ``id`` and ``image``."""
+    sort_keys: ClassVar[tuple[str, ...]] = ("id",)
+    """Output columns that order the scored rows before aggregation (results never depend on batch order)."""
+    metric_specs: ClassVar[tuple[MetricSpec, ...]]
+    """Every metric family this suite reports, with its direction and definition."""
+
+    def __init__(self, cfg: EvalConfig) -> None:
+        self.cfg = cfg
+        self.section = getattr(cfg, self.config_section)
+
+    @property
+    def data(self) -> EvalDataConfig:
+        """The data section of this suite."""
+        return self.section.data
+
+    def spec(self, family: str) -> MetricSpec:
+        """The declared :class:`MetricSpec` of a metric family (an undeclared family is a bug)."""
+        for spec in self.metric_specs:
+            if spec.name == family:
+                return spec
+        raise KeyError(f"suite {self.name!r} reports undeclared metric family {family!r}")
+
+    def scorer_params(self, dataset: Any) -> dict[str, Any]:
+        """Plain-data parameters handed to every actor (resolved names, prompts, class names...)."""
+        return {}
+
+    def protocol_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """What the protocol records about this suite's settings: its config section and the resolved params."""
+        section = {k: v for k, v in to_dict(self.section).items() if k != "data"}
+        return {"config": section, "resolved": to_dict(dict(params))}
+
+    @abstractmethod
+    def aggregate(self, rows: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> SuiteOutput:
+        """Metrics, table and plots from the scored rows (status ``ok`` only, sorted by :attr:`sort_keys`)."""
+
+
+def resolve_names(names: Sequence[str] | None, default: Sequence[str], registry: Any, what: str) -> list[str]:
+    """``names`` (or ``default`` when None), each checked against ``registry`` so typos fail before Ray starts."""
+    chosen = list(default if names is None else names)
+    if not chosen:
+        raise ValueError(f"no {what} selected")
+    for name in chosen:
+        registry.check(name)
+    return chosen

@@ -1,0 +1,1 @@
+"""The registered evaluation suites, one module each."""

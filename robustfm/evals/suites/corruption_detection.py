@@ -1,0 +1,194 @@
+"""Clean-vs-corrupted detection from image embeddings (CG-CLIP, paper 000, appendix A.2).
+
+Each image is scored clean and once per corruption, at a severity drawn from the image's seed. Two detectors read
+the L2-normalized image embeddings:
+
+- **zero-shot**: P(corrupt) is the softmax over the cosine logits (times the model's logit scale) of the mean
+  "clean" and the mean "corrupt" prompt embeddings;
+- **linear probe**: scikit-learn ``LogisticRegression`` fitted on the embeddings of a train split of the images
+  (their clean versions and their corrupted versions under the ``probe_train_set`` corruptions), tested on the
+  other images, so no test image was seen in any form.
+
+Accuracy / AUROC / F1 are reported over all test rows, per corruption, per severity and per corruption set (seen
+vs unseen): each subset is the clean versions of the test images plus their corrupted versions in the subset.
+Per-corruption subsets are balanced (one clean and one corrupted version per image); ``all`` and the set subsets
+hold one clean against several corrupted versions per image, so their accuracy leans towards the corrupted class
+(AUROC does not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from robustfm.evals.actors import FieldSpec, ScoringActor
+from robustfm.evals.metrics import MetricSpec, MetricTable, detection_metrics, two_prompt_probability
+from robustfm.evals.suite import Plot, Suite, SuiteOutput, resolve_names
+from robustfm.seeding import sample_seed
+
+CLEAN = "clean"
+_DETECTORS = ("zero_shot", "probe")
+
+
+def drawn_severity(sample_id: str, corruption: str, severities: list[int], seed: int) -> int:
+    """The severity an image gets under ``corruption``: uniform over ``severities``, fixed by the sample's seed."""
+    return severities[sample_seed(sample_id, 0, f"eval_severity/{corruption}", seed) % len(severities)]
+
+
+def in_probe_train_split(sample_id: str, fraction: float, seed: int) -> bool:
+    """Whether an image's embeddings train the probe (a hash of its id, so the split never depends on order)."""
+    return sample_seed(sample_id, 0, "eval_probe_split", seed) / 2.0**63 < fraction
+
+
+class CorruptionDetectionScorer(ScoringActor):
+    """Embeds each image clean and under every corruption; adds the zero-shot P(corrupt) of each embedding."""
+
+    def setup(self) -> None:
+        clean = self.model.encode_text(list(self.params["clean_prompts"]), normalize=True).float()
+        corrupt = self.model.encode_text(list(self.params["corrupt_prompts"]), normalize=True).float()
+        # Prompt ensembles: mean of normalized embeddings, renormalized (CLIP's recipe).
+        self.clean_text = _unit(clean.mean(0).cpu().numpy())
+        self.corrupt_text = _unit(corrupt.mean(0).cpu().numpy())
+        self.logit_scale = float(self.model.logit_scale.detach().exp().reshape(-1)[0])
+
+    def output_fields(self) -> dict[str, FieldSpec]:
+        return {
+            "corruption": (object, ()),
+            "severity": (np.int64, ()),
+            "embedding": (np.float32, (self.model.embed_dim,)),
+            "p_corrupt": (np.float64, ()),
+        }
+
+    def score(self, batch: Mapping[str, np.ndarray], pixels: Any) -> list[dict[str, Any]]:
+        from robustfm.corruptions import corrupt_batch
+
+        ids = [str(i) for i in batch["id"]]
+        rows = self._rows(ids, pixels, CLEAN, [0] * len(ids))
+        for corruption in self.params["corruptions"]:
+            severities = [drawn_severity(i, corruption, self.params["severities"], self.seed) for i in ids]
+            seeds = [sample_seed(i, 0, f"eval_corruption/{corruption}", self.seed) for i in ids]
+            corrupted = corrupt_batch(pixels, [corruption] * len(ids), severities, seeds)
+            rows.extend(self._rows(ids, corrupted, corruption, severities))
+        return rows
+
+    def _rows(self, ids: list[str], pixels: Any, corruption: str, severities: list[int]) -> list[dict[str, Any]]:
+        embeddings = self.encode_images(pixels).cpu().numpy()
+        p_corrupt = two_prompt_probability(
+            embeddings.astype(np.float64), self.clean_text, self.corrupt_text, self.logit_scale
+        )
+        return [
+            {"id": i, "corruption": corruption, "severity": s, "embedding": e, "p_corrupt": p}
+            for i, s, e, p in zip(ids, severities, embeddings, p_corrupt, strict=True)
+        ]
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    vector = vector.astype(np.float64)
+    return vector / np.linalg.norm(vector)
+
+
+class CorruptionDetectionSuite(Suite):
+    name = "corruption_detection"
+    version = "1"
+    config_section = "corruption_detection"
+    scorer = CorruptionDetectionScorer
+    sort_keys = ("id", "corruption")
+    metric_specs = (
+        MetricSpec("accuracy", "higher", "share of clean/corrupted test embeddings classified right at P > threshold"),
+        MetricSpec("auroc", "higher", "area under the ROC curve of P(corrupt), clean = 0, corrupted = 1 (sklearn)"),
+        MetricSpec("f1", "higher", "F1 of the 'corrupted' class at P > threshold (sklearn f1_score)"),
+    )
+
+    def scorer_params(self, dataset: Any) -> dict[str, Any]:
+        from robustfm.corruptions import CORRUPTION_SETS, CORRUPTIONS
+
+        default = list(CORRUPTION_SETS["seen"]) + list(CORRUPTION_SETS["unseen"])
+        corruptions = resolve_names(self.section.corruptions, default, CORRUPTIONS, "corruption")
+        probe_set = self.section.probe_train_set
+        if probe_set != "all" and probe_set not in CORRUPTION_SETS:
+            raise ValueError(
+                f"corruption_detection.probe_train_set {probe_set!r} is not 'all' or one of {sorted(CORRUPTION_SETS)}"
+            )
+        sets = {name: [c for c in corruptions if c in CORRUPTION_SETS[name]] for name in ("seen", "unseen")}
+        probe_train = corruptions if probe_set == "all" else [c for c in corruptions if c in CORRUPTION_SETS[probe_set]]
+        if not probe_train:
+            raise ValueError(f"corruption_detection: none of {corruptions} is in probe_train_set {probe_set!r}")
+        return {
+            "corruptions": corruptions,
+            "severities": list(self.section.severities),
+            "clean_prompts": list(self.section.clean_prompts),
+            "corrupt_prompts": list(self.section.corrupt_prompts),
+            "sets": sets,
+            "probe_train_corruptions": probe_train,
+        }
+
+    def aggregate(self, rows: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> SuiteOutput:
+        from sklearn.linear_model import LogisticRegression
+
+        ids = np.asarray(rows["id"]).astype(str)
+        corruption = np.asarray(rows["corruption"]).astype(str)
+        severity = np.asarray(rows["severity"])
+        labels = (corruption != CLEAN).astype(np.int64)
+        train = np.array([in_probe_train_split(i, self.section.probe_train_fraction, self.cfg.seed) for i in ids])
+        fit_rows = train & ((corruption == CLEAN) | np.isin(corruption, params["probe_train_corruptions"]))
+        if len(np.unique(labels[fit_rows])) < 2 or not (~train).any():
+            raise ValueError(
+                f"corruption_detection: {len(np.unique(ids))} images are too few to split into probe "
+                "train and test sets with both classes; use more samples"
+            )
+        embeddings = np.asarray(rows["embedding"], dtype=np.float64)
+        probe = LogisticRegression(C=self.section.probe_c, max_iter=2000)
+        probe.fit(embeddings[fit_rows], labels[fit_rows])
+        scores = {
+            "zero_shot": np.asarray(rows["p_corrupt"], dtype=np.float64),
+            "probe": probe.predict_proba(embeddings)[:, 1],
+        }
+
+        test_clean = ~train & (corruption == CLEAN)
+        subsets: dict[str, np.ndarray] = {"all": ~train}
+        subsets.update(
+            {
+                f"set/{name}": test_clean | (~train & np.isin(corruption, members))
+                for name, members in params["sets"].items()
+                if members
+            }
+        )
+        subsets.update({f"corruption/{c}": test_clean | (~train & (corruption == c)) for c in params["corruptions"]})
+        subsets.update(
+            {
+                f"severity/{s}": test_clean | (~train & (severity == s))
+                for s in params["severities"]
+                if (~train & (severity == s)).any()
+            }
+        )
+
+        metrics, table = MetricTable(), []
+        for detector in _DETECTORS:
+            for subset, mask in subsets.items():
+                values = detection_metrics(labels[mask], scores[detector][mask], self.section.threshold)
+                for family, value in values.items():
+                    metrics.add(f"{detector}/{subset}/{family}", value, self.spec(family))
+                table.append({"detector": detector, "subset": subset, "n_rows": int(mask.sum()), **values})
+        return SuiteOutput(metrics, table, self._plots(table, params))
+
+    def _plots(self, table: list[dict[str, Any]], params: Mapping[str, Any]) -> list[Plot]:
+        plots = []
+        for prefix, title in (("corruption/", "per corruption"), ("severity/", "per severity")):
+            series = {}
+            for detector in _DETECTORS:
+                chosen = [r for r in table if r["detector"] == detector and r["subset"].startswith(prefix)]
+                series[detector] = ([r["subset"][len(prefix) :] for r in chosen], [r["auroc"] for r in chosen])
+            kind = "bar" if prefix == "corruption/" else "line"
+            plots.append(
+                Plot(
+                    f"auroc_{prefix[:-1]}",
+                    f"Corruption detection AUROC {title}",
+                    prefix[:-1],
+                    "AUROC",
+                    series,
+                    kind=kind,
+                )
+            )
+        return plots

@@ -1,0 +1,195 @@
+"""Zero-shot classification with class-name prompts: top-1 / top-5, clean and under each corruption and perturbation.
+
+A class's text embedding is the renormalized mean of its normalized template embeddings (CLIP's prompt ensemble).
+Conditions: ``clean``; ``<corruption>:<severity>`` for each corruption and severity (per-sample seeded draws);
+``<perturbation>:<value>`` for each value of ``robustfm.perturbations.sweep(name, perturbation_steps)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from robustfm.evals.actors import FieldSpec, ScoringActor
+from robustfm.evals.metrics import MetricSpec, MetricTable, mean_of, topk_correct
+from robustfm.evals.suite import Plot, Suite, SuiteOutput, resolve_names
+from robustfm.seeding import sample_seed
+
+CLEAN = "clean"
+
+
+def condition_name(edit: str, parameter: float | int) -> str:
+    """``gaussian_noise:3``, ``jpeg_quality:55`` (a metric-key-safe name of one evaluation condition)."""
+    return f"{edit}:{parameter:g}"
+
+
+class ZeroShotScorer(ScoringActor):
+    """Cosine logits of each image against every class, clean and under every condition."""
+
+    def setup(self) -> None:
+        import torch
+
+        class_embeddings = []
+        for class_name in self.params["class_names"]:
+            texts = [template.format(class_name) for template in self.params["templates"]]
+            mean = self.model.encode_text(texts, normalize=True).float().mean(0)
+            class_embeddings.append(mean / mean.norm())
+        self.class_embeddings = torch.stack(class_embeddings)  # [C, E]
+
+    def output_fields(self) -> dict[str, FieldSpec]:
+        return {
+            "condition": (object, ()),
+            "label": (np.int64, ()),
+            "logits": (np.float32, (len(self.params["class_names"]),)),
+        }
+
+    def score(self, batch: Mapping[str, np.ndarray], pixels: Any) -> list[dict[str, Any]]:
+        import torch
+
+        from robustfm.corruptions import corrupt_batch
+        from robustfm.perturbations import perturb
+
+        ids = [str(i) for i in batch["id"]]
+        labels = [int(label) for label in batch["label"]]
+        rows = self._rows(ids, labels, pixels, CLEAN)
+        for corruption in self.params["corruptions"]:
+            for severity in self.params["severities"]:
+                seeds = [sample_seed(i, 0, f"eval_corruption/{corruption}/{severity}", self.seed) for i in ids]
+                corrupted = corrupt_batch(pixels, [corruption] * len(ids), [severity] * len(ids), seeds)
+                rows.extend(self._rows(ids, labels, corrupted, condition_name(corruption, severity)))
+        for name, values in self.params["perturbations"].items():
+            for step, value in enumerate(values):
+                generators = [
+                    torch.Generator().manual_seed(sample_seed(i, 0, f"eval_perturb/{name}/{step}", self.seed))
+                    for i in ids
+                ]
+                edited = perturb(pixels, name, value, generators)
+                rows.extend(self._rows(ids, labels, edited, condition_name(name, value)))
+        return rows
+
+    def _rows(self, ids: list[str], labels: list[int], pixels: Any, condition: str) -> list[dict[str, Any]]:
+        logits = (self.encode_images(pixels) @ self.class_embeddings.T).cpu().numpy()
+        return [
+            {"id": i, "condition": condition, "label": y, "logits": z}
+            for i, y, z in zip(ids, labels, logits, strict=True)
+        ]
+
+
+class ZeroShotSuite(Suite):
+    name = "zero_shot"
+    version = "1"
+    config_section = "zero_shot"
+    scorer = ZeroShotScorer
+    columns = ("label", "class_name")
+    sort_keys = ("id", "condition")
+    metric_specs = (
+        MetricSpec("top1", "higher", "share of images whose true class has the highest cosine logit"),
+        MetricSpec("top5", "higher", "share of images whose true class is among the 5 highest cosine logits"),
+        MetricSpec("top1_drop", "lower", "clean top-1 minus top-1 under the condition(s)"),
+    )
+
+    def scorer_params(self, dataset: Any) -> dict[str, Any]:
+        from robustfm.corruptions import CORRUPTION_SETS, CORRUPTIONS
+        from robustfm.perturbations import PERTURBATIONS, sweep
+
+        default_corruptions = list(CORRUPTION_SETS["seen"]) + list(CORRUPTION_SETS["unseen"])
+        corruptions = resolve_names(self.section.corruptions, default_corruptions, CORRUPTIONS, "corruption")
+        perturbations = resolve_names(self.section.perturbations, PERTURBATIONS.names(), PERTURBATIONS, "perturbation")
+        steps = self.section.perturbation_steps
+        return {
+            "class_names": class_names_by_label(dataset),
+            "templates": list(self.section.templates),
+            "corruptions": corruptions,
+            "severities": list(self.section.severities),
+            # One step evaluates the strongest end (``low``: lowest JPEG quality, ...) only when it is not identity.
+            "perturbations": {p: (sweep(p, steps) if steps >= 2 else [_strongest(p)]) for p in perturbations},
+        }
+
+    def aggregate(self, rows: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> SuiteOutput:
+        condition = np.asarray(rows["condition"]).astype(str)
+        labels = np.asarray(rows["label"], dtype=np.int64)
+        logits = np.asarray(rows["logits"], dtype=np.float64)
+        num_classes = logits.shape[1]
+        metrics, table = MetricTable(), []
+        top1: dict[str, float] = {}
+        for name in _ordered_conditions(params):
+            mask = (condition == name) & (labels >= 0)  # label -1: an unlabelled row, not a wrong answer
+            accuracy1 = float(topk_correct(logits[mask], labels[mask], 1).mean())
+            accuracy5 = float(topk_correct(logits[mask], labels[mask], min(5, num_classes)).mean())
+            top1[name] = accuracy1
+            metrics.add(f"{name}/top1", accuracy1, self.spec("top1"))
+            metrics.add(f"{name}/top5", accuracy5, self.spec("top5"))
+            table.append({"condition": name, "n_images": int(mask.sum()), "top1": accuracy1, "top5": accuracy5})
+        clean = top1[CLEAN]
+        corrupted = [condition_name(c, s) for c in params["corruptions"] for s in params["severities"]]
+        perturbed = [condition_name(p, v) for p, values in params["perturbations"].items() for v in values]
+        if corrupted:
+            metrics.add("corruptions/top1_drop", clean - mean_of([top1[c] for c in corrupted]), self.spec("top1_drop"))
+        if perturbed:
+            metrics.add(
+                "perturbations/top1_drop", clean - mean_of([top1[c] for c in perturbed]), self.spec("top1_drop")
+            )
+        return SuiteOutput(metrics, table, self._plots(top1, params))
+
+    def _plots(self, top1: Mapping[str, float], params: Mapping[str, Any]) -> list[Plot]:
+        plots = []
+        if params["corruptions"]:
+            names = [condition_name(c, s) for c in params["corruptions"] for s in params["severities"]]
+            plots.append(
+                Plot(
+                    "top1_corruptions",
+                    "Zero-shot top-1 under corruptions",
+                    "condition",
+                    "top-1",
+                    {"top-1": ([CLEAN, *names], [top1[CLEAN], *[top1[n] for n in names]])},
+                    kind="bar",
+                )
+            )
+        for name, values in params["perturbations"].items():
+            if len(values) > 1:
+                plots.append(
+                    Plot(
+                        f"top1_vs_{name}",
+                        f"Zero-shot top-1 vs {name}",
+                        name,
+                        "top-1",
+                        {"top-1": (list(values), [top1[condition_name(name, v)] for v in values])},
+                    )
+                )
+        return plots
+
+
+def _ordered_conditions(params: Mapping[str, Any]) -> list[str]:
+    names = [CLEAN]
+    names += [condition_name(c, s) for c in params["corruptions"] for s in params["severities"]]
+    names += [condition_name(p, v) for p, values in params["perturbations"].items() for v in values]
+    return names
+
+
+def _strongest(name: str) -> float:
+    from robustfm.perturbations import perturbation_meta
+
+    meta = perturbation_meta(name)
+    # The end of the range farther from identity is the strongest edit.
+    return meta["low"] if abs(meta["low"] - meta["identity"]) >= abs(meta["high"] - meta["identity"]) else meta["high"]
+
+
+def class_names_by_label(dataset: Any) -> list[str]:
+    """Class names ordered by label (0..C-1), read from the data's ``label`` / ``class_name`` columns.
+
+    Raises:
+        ValueError: labels are not 0..C-1, or one label carries two names.
+    """
+    table = dataset.select_columns(["label", "class_name"]).to_pandas().drop_duplicates()
+    names: dict[int, str] = {}
+    for label, name in zip(table["label"], table["class_name"], strict=True):
+        label = int(label)
+        if label < 0:
+            continue
+        if names.setdefault(label, str(name)) != str(name):
+            raise ValueError(f"zero_shot: label {label} has two class names, {names[label]!r} and {name!r}")
+    if sorted(names) != list(range(len(names))):
+        raise ValueError(f"zero_shot: labels must be 0..C-1 with a class_name each, got labels {sorted(names)}")
+    return [names[label] for label in range(len(names))]

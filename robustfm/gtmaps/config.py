@@ -1,0 +1,83 @@
+"""Config sections for the ground-truth maps and the CG-CLIP corruption stages. Importing this imports no torch."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from robustfm.config.core import check
+
+VGG_BLOCKS = (1, 2, 3, 4, 5)
+
+
+@dataclass(frozen=True)
+class GTMapConfig:
+    """How ground-truth corruption maps are computed (one rule for every CG-CLIP stage and for evaluation)."""
+
+    name: str = "vgg16_l1"
+    """A ``robustfm.gtmaps.GT_MAPS`` name: ``vgg16_l1`` (CG-CLIP eq. 1) or ``pixel_l1`` (cheap, model-free)."""
+    weights: str | None = "IMAGENET1K_V1"
+    """vgg16_l1: torchvision weights name (downloads once; needs internet), a local ``.pth`` state dict or
+    ``.safetensors`` file, or null for a seeded random VGG (tests only: its maps mean nothing). pixel_l1: null."""
+    layers: tuple[int, ...] | None = VGG_BLOCKS
+    """vgg16_l1: conv blocks among 1..5 whose last ReLU is compared (relu1_2 .. relu5_3). pixel_l1: null."""
+    scale: float | None = None
+    """Raw map value mapped to 1 (``map = clip(raw / scale, 0, 1)``); null: the fitted default of the mapper (fitted
+    for layers 1..5 with HED's VGG-16; refit with ``python -m robustfm.gtmaps.fit`` for other weights/layers)."""
+    min_actors: int = 1
+    """Fewest GT-map actors (each holds one VGG)."""
+    max_actors: int = 1
+    """Most GT-map actors; the pool grows up to this while the stage is the bottleneck."""
+    num_gpus: float = 0.0
+    """GPUs per actor (0: the VGG runs on CPU). Fractions share one GPU between actors."""
+    num_cpus: float = 1.0
+    """CPUs per actor."""
+    batch_size: int = 32
+    """Rows per actor call."""
+
+    def __post_init__(self) -> None:
+        from robustfm.gtmaps.registry import GT_MAPS  # lazy entries: imports no torch
+
+        check(self.name in GT_MAPS, "name", self.name, f"must be one of {GT_MAPS.names()}")
+        if self.name == "pixel_l1":
+            check(self.weights is None, "weights", self.weights, "must be null for pixel_l1 (it has no network)")
+            check(self.layers is None, "layers", self.layers, "must be null for pixel_l1 (it has no layers)")
+        if self.layers is not None:
+            check(
+                len(self.layers) > 0
+                and set(self.layers) <= set(VGG_BLOCKS)
+                and len(set(self.layers)) == len(self.layers),
+                "layers",
+                self.layers,
+                "must be distinct conv blocks among 1..5",
+            )
+        if self.scale is not None:
+            check(math.isfinite(self.scale) and self.scale > 0, "scale", self.scale, "must be a positive number")
+        check(self.min_actors >= 1, "min_actors", self.min_actors, "must be at least 1")
+        check(self.max_actors >= self.min_actors, "max_actors", self.max_actors, "must be >= min_actors")
+        check(self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")
+        check(self.num_cpus > 0, "num_cpus", self.num_cpus, "must be > 0")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
+
+
+@dataclass(frozen=True)
+class CorruptionStageConfig:
+    """Which corruption each CG-CLIP training row gets (drawn per sample and epoch from ``run_seed``)."""
+
+    corruption_set: str = "seen"
+    """A ``robustfm.corruptions.CORRUPTION_SETS`` name (``seen``, ``unseen``, ``imagenet_c``, ``all``) or a
+    comma-separated list of corruption names."""
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    """Severities drawn uniformly per sample (CG-CLIP: 1..5)."""
+    batch_size: int = 64
+    """Rows per corruption task (tasks run on CPU)."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.corruption_set), "corruption_set", self.corruption_set, "must name a set or corruptions")
+        check(
+            len(self.severities) > 0 and all(1 <= s <= 5 for s in self.severities),
+            "severities",
+            self.severities,
+            "must be a non-empty list of severities among 1..5",
+        )
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
