@@ -211,4 +211,9 @@ class ShardBatchSource:
         """Torch batches of this rank's share of ``epoch``, from batch ``skip_batches`` on."""
         if skip_batches >= self.num_batches(epoch, rank, world_size):
             return iter(())
+        from ray.data import DataContext
+
+        # Each epoch is a new dataset: per-dataset progress bars from every worker would flood the driver's log
+        # (the engine reports the training progress itself).
+        DataContext.get_current().enable_progress_bars = False
         return iter_worker_batches(self.dataset(epoch, rank, world_size, skip_batches), self.batch_size, drop_last=True)

@@ -1,0 +1,165 @@
+"""The config of the CG-CLIP recipe (``jobs/cgclip.py``): every section, validated before Ray starts.
+
+Importing this module imports no torch, ray or open_clip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from robustfm.config import ModelConfig, RayConfig, TrackingConfig, check
+from robustfm.evals.config import EvalConfig
+from robustfm.gtmaps.config import CorruptionStageConfig, GTMapConfig
+from robustfm.methods.cgclip_config import CGClipConfig
+from robustfm.train.config import TrainConfig
+
+PAPER_CURRICULUM = ("adapt", "isolate", "tune")
+
+
+@dataclass(frozen=True)
+class CGClipDataConfig:
+    """Training and validation images, and how each batch is built."""
+
+    shards: str | None = None
+    """Shard directory (local or ``s3://``) written by ``jobs/prepare_data.py``. None: the demo data set (real
+    scikit-image photos + generated images) is built under ``output_dir/demo_data`` and used."""
+    train_split: str = "train"
+    """Split the model trains on (minus the held-out validation part)."""
+    holdout_fraction: float = 0.1
+    """Share of ``train_split`` held out (every ``round(1/fraction)``-th image by index) as the validation split on
+    which lambda is chosen (paper A.1: "a held-out validation split of the training data"); 0 holds out nothing."""
+    eval_split: str = "val"
+    """Split of ``shards`` the in-domain evaluation uses."""
+    ood_shards: str | None = None
+    """A second shard directory for the out-of-distribution evaluation (the paper's Caltech-256); None: skip."""
+    image_size: int = 224
+    """Side of the square input (bicubic resize; paper A.1: 224)."""
+    clean_per_batch: int = 64
+    """N clean images per worker batch, each with its corrupted copy: the contrastive batch is B = 2N (paper: 128)."""
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    """Area range of training random-resized crops."""
+    corruption: CorruptionStageConfig = field(default_factory=CorruptionStageConfig)
+    """Which corruption each image gets: drawn per (image, epoch) from the set, severity uniform in 1..5."""
+    gt_map: GTMapConfig = field(default_factory=GTMapConfig)
+    """Ground-truth corruption maps (eq. 1): VGG-16 feature L1, computed by an actor pool."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint when not AWS (only the URL; credentials come from the environment)."""
+
+    def __post_init__(self) -> None:
+        check(0 <= self.holdout_fraction < 0.5, "holdout_fraction", self.holdout_fraction, "must be in [0, 0.5)")
+        check(self.image_size >= 16, "image_size", self.image_size, "must be >= 16")
+        check(self.clean_per_batch >= 1, "clean_per_batch", self.clean_per_batch, "must be >= 1")
+        low, high = self.crop_scale
+        check(0 < low <= high <= 1, "crop_scale", self.crop_scale, "must satisfy 0 < low <= high <= 1")
+        from robustfm.data.corruption_stages import resolve_corruptions
+
+        try:
+            resolve_corruptions(self.corruption.corruption_set)
+        except (KeyError, ValueError) as err:
+            check(False, "corruption.corruption_set", self.corruption.corruption_set, str(err))
+
+
+@dataclass(frozen=True)
+class MilestoneEvalConfig:
+    """What is measured at each milestone (pretrained, after each stage) and on the WiSE-FT sweep."""
+
+    enabled: bool = True
+    """Evaluate at milestones (the final evaluation always runs)."""
+    suites: tuple[str, ...] = ("corruption_detection", "zero_shot")
+    """Suites at each milestone: detection (the paper's metric) and zero-shot accuracy (what CLIP already knew)."""
+    tsne: bool = True
+    """Save a t-SNE PNG of clean vs corrupted image embeddings at each milestone."""
+    tsne_samples: int = 256
+    """Images (each clean and corrupted) in the t-SNE plot."""
+    suite_config: EvalConfig = field(default_factory=EvalConfig)
+    """Settings shared by the suites (data is filled in from ``data`` when a suite's ``data.shards`` is null)."""
+
+    def __post_init__(self) -> None:
+        from robustfm.evals import SUITES
+
+        for name in self.suites:
+            try:
+                SUITES.check(name)
+            except KeyError as err:
+                check(False, "suites", name, str(err))
+        check(self.tsne_samples >= 8, "tsne_samples", self.tsne_samples, "must be >= 8")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The exported model: the image (and text) tower without the decoder, and WiSE-FT mixes."""
+
+    wise_ft_alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    """Mixing coefficients between the pretrained (0) and the fine-tuned (1) image tower; each is exported and
+    evaluated, and detection AUROC is plotted against zero-shot retention. Empty: export the fine-tuned tower only."""
+
+    def __post_init__(self) -> None:
+        check(all(0 <= a <= 1 for a in self.wise_ft_alphas), "wise_ft_alphas", self.wise_ft_alphas, "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class CGClipRecipeConfig:
+    """``jobs/cgclip.py``: CG-CLIP (paper 000) with its Adapt-Isolate-Tune curriculum."""
+
+    name: str = "cgclip"
+    """Run name: MLflow parent run, checkpoint folder and output folder."""
+    output_dir: str = "outputs"
+    """Local folder for exports, reports and plots (``<output_dir>/<name>``)."""
+    seed: int = 0
+    """Seeds data order, crops, corruptions and initialisation."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="cgclip"))
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="open_clip/ViT-B-32", pretrained="openai"))
+    method: CGClipConfig = field(default_factory=CGClipConfig)
+    data: CGClipDataConfig = field(default_factory=CGClipDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(stages={}))
+    """The stages that may run (``adapt``, ``isolate``, ``tune``, and ``joint`` for the no-curriculum ablation),
+    strategy, workers, storage and checkpoints."""
+    curriculum: tuple[str, ...] = PAPER_CURRICULUM
+    """Stages of ``train.stages`` to run, in order: Adapt-Isolate-Tune, or an ablation (``[adapt]`` = FLYP only,
+    ``[joint]``, ``[adapt, tune]`` = without Isolate, ``[adapt, isolate]`` = without Tune)."""
+    eval: MilestoneEvalConfig = field(default_factory=MilestoneEvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        check(bool(self.name) and "/" not in self.name, "name", self.name, "must be a non-empty name without '/'")
+        check(len(self.curriculum) > 0, "curriculum", self.curriculum, "must name at least one stage")
+        for stage in self.curriculum:
+            check(
+                stage in self.train.stages,
+                "curriculum",
+                stage,
+                f"names a stage that train.stages does not define ({', '.join(self.train.stages) or 'none'})",
+            )
+        check(
+            len(set(self.curriculum)) == len(self.curriculum), "curriculum", self.curriculum, "must not repeat a stage"
+        )
+        family = self.model.name.partition("/")[0]
+        check(
+            family == "open_clip",
+            "model.name",
+            self.model.name,
+            "must be an open_clip model (CG-CLIP needs both towers)",
+        )
+
+
+def check_paths(cfg: CGClipRecipeConfig) -> list[str]:
+    """Local paths the run needs that do not exist, as ``field: message`` lines (S3 paths are checked by the run)."""
+    from pathlib import Path
+
+    problems = []
+    for field_name, path in (("data.shards", cfg.data.shards), ("data.ood_shards", cfg.data.ood_shards)):
+        if path is None or path.startswith("s3://"):
+            continue
+        if not (Path(path) / "manifest.json").is_file():
+            problems.append(
+                f"{field_name}: no shards at {path!r} (expected {path}/manifest.json, written by jobs/prepare_data.py)"
+            )
+    for field_name, path in (
+        ("model.pretrained", cfg.model.pretrained),
+        ("data.gt_map.weights", cfg.data.gt_map.weights),
+    ):
+        looks_like_path = path is not None and ("/" in path or path.endswith((".safetensors", ".pt", ".pth")))
+        if looks_like_path and not path.startswith("s3://") and not Path(path).is_file():
+            problems.append(f"{field_name}: weights file {path!r} does not exist")
+    return problems

@@ -1,0 +1,26 @@
+"""Bad CG-CLIP configs fail before Ray starts, naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.recipes.conftest import run_job
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.corruption.corruption_set=gausian_noise", "data.corruption.corruption_set: unknown corruption"),
+        ("train.stages.tune.loss_weights.corruption=-1.5", "train.stages.tune.loss_weights.corruption: must be >= 0"),
+        ("curriculum=[]", "curriculum: must name at least one stage"),
+        ("train.stages={}", "train.stages: must hold at least one stage"),
+        ("data.shards=/nonexistent/shards", "data.shards: no shards at '/nonexistent/shards'"),
+        ("train.strategy.zero_stage=4", "train.strategy.zero_stage: must be 0, 1, 2 or 3"),
+        ("model.name=timm/tiny-vit", "model.name: must be an open_clip model"),
+    ],
+)
+def test_bad_config_fails_before_ray_starts(override, message):
+    done = run_job(["jobs/cgclip.py", "--config", "configs/cgclip/demo.yaml", override], timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert message in done.stderr
+    assert "Started a local Ray instance" not in done.stdout + done.stderr
