@@ -10,6 +10,7 @@ Supported annotations: ``int``, ``float``, ``str``, ``bool``, ``X | None``, ``Li
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -247,7 +248,7 @@ def load_config(
     Raises:
         ConfigError: naming the dotted field and the bad value, before any resource is touched.
     """
-    data: dict[str, Any] = dict(base or {})
+    data: dict[str, Any] = copy.deepcopy(dict(base or {}))  # overrides must never write into the caller's dicts
     if path is not None:
         data = deep_merge(data, read_yaml(path))
     for text in overrides:

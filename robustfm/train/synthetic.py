@@ -1,0 +1,101 @@
+"""A tiny task and an in-memory batch source, for tests, benchmarks and checking the engine on a new machine.
+
+The source fixes the GLOBAL batch: each global batch is split evenly over the ranks, so one process and N processes
+see the same samples per optimizer step, and mean-reduced gradients must agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustfm.seeding import epoch_seed
+
+
+class TinyRegressionTask(nn.Module):
+    """An MLP regressor with two parameter groups (``body``, ``head``) and two losses (``mse``, ``l1``).
+
+    Args:
+        in_dim: input features. hidden: width of the body. out_dim: targets.
+        gradient_multiplier: scales the gradients (not the values) of the losses. 1 is correct; setting it to the
+            world size turns the strategy's gradient MEAN into a SUM: the negative control of the equivalence tests.
+    """
+
+    def __init__(self, in_dim: int = 16, hidden: int = 32, out_dim: int = 4, gradient_multiplier: float = 1.0) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
+        self.head = nn.Linear(hidden, out_dim)
+        self.gradient_multiplier = gradient_multiplier
+        self.active_losses: frozenset[str] = frozenset({"mse", "l1"})
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        prediction = self.head(self.body(batch["x"]))
+        losses = {}
+        if "mse" in self.active_losses:
+            losses["mse"] = F.mse_loss(prediction.float(), batch["y"])
+        if "l1" in self.active_losses:
+            losses["l1"] = F.l1_loss(prediction.float(), batch["y"])
+        if self.gradient_multiplier != 1.0:
+            # Same value, gradient times k: loss + (k - 1) * (loss - stop_gradient(loss)).
+            k = self.gradient_multiplier
+            losses = {name: loss + (k - 1) * (loss - loss.detach()) for name, loss in losses.items()}
+        return losses
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"body": list(self.body.parameters()), "head": list(self.head.parameters())}
+
+
+def build_tiny_task(**kwargs: Any) -> TinyRegressionTask:
+    """Factory for :class:`TinyRegressionTask` (use ``functools.partial`` to bind arguments; it pickles)."""
+    return TinyRegressionTask(**kwargs)
+
+
+class SyntheticBatchSource:
+    """Fixed random regression data held in memory; batches depend only on (epoch, rank, world size, index).
+
+    Args:
+        num_samples: rows of the data set. global_batch_size: samples per optimizer micro-step over all ranks
+            (must divide by the world size). in_dim, out_dim: feature and target sizes. seed: data and shuffles.
+    """
+
+    def __init__(
+        self, num_samples: int = 256, global_batch_size: int = 32, in_dim: int = 16, out_dim: int = 4, seed: int = 0
+    ) -> None:
+        if global_batch_size < 1 or num_samples < global_batch_size:
+            raise ValueError(f"need 1 <= global_batch_size <= num_samples, got {global_batch_size} and {num_samples}")
+        self.num_samples = num_samples
+        self.global_batch_size = global_batch_size
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+        self.seed = seed
+
+    def _data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed)
+        x = torch.randn(self.num_samples, self.in_dim, generator=generator)
+        mixing = torch.randn(self.in_dim, self.out_dim, generator=generator)
+        y = torch.tanh(0.5 * x @ mixing) + 0.05 * torch.randn(self.num_samples, self.out_dim, generator=generator)
+        return x, y
+
+    def _per_rank(self, world_size: int) -> int:
+        if self.global_batch_size % world_size:
+            raise ValueError(f"global_batch_size {self.global_batch_size} does not split over {world_size} ranks")
+        return self.global_batch_size // world_size
+
+    def num_batches(self, epoch: int, rank: int, world_size: int) -> int:
+        self._per_rank(world_size)
+        return self.num_samples // self.global_batch_size
+
+    def batches(self, epoch: int, rank: int, world_size: int, skip_batches: int = 0) -> Iterator[dict[str, Any]]:
+        per_rank = self._per_rank(world_size)
+        x, y = self._data()
+        order = torch.randperm(
+            self.num_samples, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch, "shuffle"))
+        )
+        for index in range(skip_batches, self.num_batches(epoch, rank, world_size)):
+            start = index * self.global_batch_size + rank * per_rank
+            rows = order[start : start + per_rank]
+            yield {"x": x[rows], "y": y[rows], "index": rows}

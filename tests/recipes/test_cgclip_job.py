@@ -1,0 +1,136 @@
+"""CG-CLIP end to end: `ray job submit` against a local head with token auth, and resume after a killed worker."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.recipes.conftest import REPO, run_job, tiny_cgclip_overrides
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head on 127.0.0.1 with its dashboard and token authentication, set up as the README tells users:
+    ``RAY_AUTH_MODE=token``, ``ray get-auth-token --generate``, ``ray start --head ... --dashboard-host 127.0.0.1``."""
+    home = tmp_path_factory.mktemp("home")  # ~/.ray/auth_token of this test only
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    token = subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, text=True, timeout=60)
+    assert token.returncode == 0, token.stderr
+    assert (home / ".ray" / "auth_token").is_file()
+    dashboard = free_port()
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", f"--port={free_port()}",
+         "--dashboard-host", "127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus", "2",
+         "--include-dashboard", "true", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        os.killpg(head.pid, signal.SIGTERM)
+        pytest.fail("the Ray head's dashboard did not come up within 120 s")
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)
+    head.wait(timeout=60)
+
+
+@pytest.mark.timeout(900)
+def test_ray_job_submit_runs_cgclip_end_to_end(ray_head, demo_shards, tmp_path):
+    address, env = ray_head
+    overrides = tiny_cgclip_overrides(tmp_path, demo_shards, name="submitted")
+    submit = subprocess.run(
+        ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+         sys.executable, "jobs/cgclip.py", "--config", "configs/cgclip/demo.yaml", *overrides],
+        env=env, capture_output=True, text=True, timeout=840,
+    )
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
+    assert "succeeded" in submit.stdout
+    assert "CG-CLIP finished." in submit.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("cgclip-demo")
+    runs = client.search_runs([experiment.experiment_id], max_results=500)
+    parent = next(r for r in runs if r.info.run_name == "submitted")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    stage_runs = [r for r in children if r.data.tags.get("stage")]
+    assert sorted(r.data.tags["stage"] for r in stage_runs) == ["adapt", "isolate", "tune"]
+    assert all(r.info.status == "FINISHED" for r in stage_runs)
+    assert "adapt-isolate-tune/corruption_detection/zero_shot/all/auroc" in parent.data.metrics
+    assert "pretrained/zero_shot/clean/top1" in parent.data.metrics
+    tsne = [a.path for a in client.list_artifacts(parent.info.run_id, "tsne")]
+    assert "tsne/pretrained.png" in tsne and "tsne/adapt-isolate-tune.png" in tsne
+
+    # The exported tower has no decoder and loads back with open_clip itself.
+    import open_clip
+    import torch
+    from safetensors.torch import load_file
+
+    from robustfm.models import create_model
+
+    exported = tmp_path / "submitted" / "export" / "adapt-isolate-tune" / "model.safetensors"
+    state = load_file(exported)
+    assert not [k for k in state if "decoder" in k]
+    create_model("open_clip/tiny-vit")  # registers the tiny config with open_clip
+    clip = open_clip.create_model("tiny-vit")
+    clip.load_state_dict(state, strict=True)
+    stage_state = load_file(tmp_path / "submitted" / "stages" / "adapt-isolate-tune" / "task.safetensors")
+    visual_key = next(k for k in state if k.startswith("visual."))
+    assert torch.equal(state[visual_key], next(v for k, v in stage_state.items() if k.endswith(visual_key)))
+
+
+@pytest.mark.timeout(900)
+def test_worker_killed_in_stage_two_resumes_from_its_checkpoint(demo_shards, tmp_path):
+    base = ["jobs/cgclip.py", "--config", "configs/cgclip/demo.yaml",
+            *tiny_cgclip_overrides(tmp_path, demo_shards, name="killed", **{
+                "curriculum": "[adapt,isolate]", "eval.enabled": "false",
+                "train.stages.adapt.max_batches_per_epoch": "2",
+                "train.stages.isolate.max_batches_per_epoch": "5", "train.checkpoint_every_steps": "2"})]
+    # Stage 1 has 2 steps; in stage 2 every worker dies (os._exit) right after step 4, after the step-4 checkpoint
+    # ... of the global step counter of that stage's run.
+    first = run_job([*base, "train.fail_at_step=4"], timeout=600)
+    assert first.returncode != 0
+    stage_one = tmp_path / "killed" / "stages" / "adapt" / "task.safetensors"
+    assert stage_one.is_file(), first.stdout[-3000:] + first.stderr[-3000:]
+    assert not (tmp_path / "killed" / "stages" / "adapt-isolate" / "task.safetensors").exists()
+    mtime = stage_one.stat().st_mtime
+
+    second = run_job(base, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert stage_one.stat().st_mtime == mtime  # stage 1 was not trained again
+    assert (tmp_path / "killed" / "stages" / "adapt-isolate" / "task.safetensors").is_file()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("cgclip-demo")
+    isolate_runs = [r for r in client.search_runs([experiment.experiment_id], max_results=500)
+                    if r.data.tags.get("stage") == "isolate"]
+    resumed = [int(r.data.tags.get("resumed_at_step", "0")) for r in isolate_runs]
+    assert max(resumed) >= 2, f"stage 2 did not resume from a checkpoint: {resumed}"
