@@ -34,8 +34,9 @@ def tiny_cgclip_overrides(out: Path, shards: str, **extra: str) -> list[str]:
         "eval.suite_config.corruption_detection.data.max_samples": "12",
         "eval.suite_config.corruption_detection.corruptions": "[gaussian_noise,shot_noise]",
         "eval.suite_config.zero_shot.data.max_samples": "12",
-        "eval.suite_config.zero_shot.corruptions": "[]",
-        "eval.suite_config.zero_shot.perturbations": "[]",
+        "eval.suite_config.zero_shot.corruptions": "[gaussian_noise]",
+        "eval.suite_config.zero_shot.perturbations": "[brightness]",
+        "eval.suite_config.zero_shot.perturbation_steps": "2",
         "export.wise_ft_alphas": "[]",
     }
     overrides.update(extra)

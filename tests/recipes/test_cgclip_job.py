@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -37,10 +39,13 @@ def ray_head(tmp_path_factory):
     assert token.returncode == 0, token.stderr
     assert (home / ".ray" / "auth_token").is_file()
     dashboard = free_port()
+    # A temp dir of its own: `ray start` records its address there, and a plain ray.init() elsewhere in the test
+    # session must not find (and try to join) this head.
+    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", f"--port={free_port()}",
          "--dashboard-host", "127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus", "2",
-         "--include-dashboard", "true", "--disable-usage-stats"],
+         "--include-dashboard", "true", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
@@ -48,6 +53,8 @@ def ray_head(tmp_path_factory):
     while time.time() < deadline:
         try:
             urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # 401 without the token: the dashboard is up and enforces auth
             break
         except OSError:
             time.sleep(1)
@@ -57,17 +64,21 @@ def ray_head(tmp_path_factory):
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)
     head.wait(timeout=60)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.timeout(900)
 def test_ray_job_submit_runs_cgclip_end_to_end(ray_head, demo_shards, tmp_path):
     address, env = ray_head
     overrides = tiny_cgclip_overrides(tmp_path, demo_shards, name="submitted")
-    submit = subprocess.run(
-        ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-         sys.executable, "jobs/cgclip.py", "--config", "configs/cgclip/demo.yaml", *overrides],
-        env=env, capture_output=True, text=True, timeout=840,
-    )
+    command = ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+               sys.executable, "jobs/cgclip.py", "--config", "configs/cgclip/demo.yaml", *overrides]
+    deadline = time.time() + 300  # the head's job agent starts after its dashboard answers (slow on a busy machine)
+    while True:
+        submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=840)
+        if "No available agent to submit job" not in submit.stderr or time.time() > deadline:
+            break
+        time.sleep(10)
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
     assert "succeeded" in submit.stdout
     assert "CG-CLIP finished." in submit.stdout
