@@ -10,10 +10,12 @@ from robustfm.config.schema import RayConfig
 logger = logging.getLogger("robustfm")
 
 
-def init_ray(cfg: RayConfig) -> None:
-    """Join the cluster (``address``, or ``$RAY_ADDRESS`` as set by ``ray job submit``) or start an embedded Ray.
+def init_ray(cfg: RayConfig, log_to_driver: bool = True) -> None:
+    """Join the cluster (``address``, or ``$RAY_ADDRESS`` as set by ``ray job submit``) or start an embedded Ray;
+    nothing when this process already has Ray.
 
-    The embedded Ray binds to 127.0.0.1, and its dashboard (off by default) too.
+    The embedded Ray binds to 127.0.0.1, and its dashboard (off by default) too. ``log_to_driver=False`` keeps the
+    workers' output out of this process's console (jobs that print their own progress).
     """
     import ray
 
@@ -21,13 +23,14 @@ def init_ray(cfg: RayConfig) -> None:
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=log_to_driver)
         logger.info("joined Ray at %s", address)
         return
     ray.init(
         num_cpus=cfg.num_cpus,
         include_dashboard=cfg.include_dashboard,
         dashboard_host="127.0.0.1",
+        log_to_driver=log_to_driver,
         _node_ip_address="127.0.0.1",
     )
     logger.info("started an embedded Ray with %s CPUs", cfg.num_cpus or os.cpu_count())

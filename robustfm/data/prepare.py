@@ -170,13 +170,9 @@ def _finished_record(fs: pafs.FileSystem, out: Location, plan: ShardPlan, verify
 def _ensure_ray(config: PrepareConfig) -> Any:
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            address=config.ray.address,
-            num_cpus=config.ray.num_cpus if config.ray.address is None else None,
-            include_dashboard=config.ray.include_dashboard,
-            log_to_driver=False,
-        )
+    from robustfm.runtime import init_ray
+
+    init_ray(config.ray, log_to_driver=False)
     return ray
 
 

@@ -29,19 +29,9 @@ class EvaluationOutcome:
 
 def ensure_ray(cfg: EvaluateJobConfig) -> None:
     """Join the configured cluster, or start a local Ray on 127.0.0.1, unless this process already has one."""
-    import ray
+    from robustfm.runtime import init_ray
 
-    if ray.is_initialized():
-        return
-    if cfg.ray.address is None:
-        ray.init(
-            num_cpus=cfg.ray.num_cpus,
-            include_dashboard=cfg.ray.include_dashboard,
-            log_to_driver=False,
-            _node_ip_address="127.0.0.1",
-        )
-    else:
-        ray.init(address=cfg.ray.address, log_to_driver=False)
+    init_ray(cfg.ray, log_to_driver=False)
 
 
 def evaluate(

@@ -45,7 +45,12 @@ def ray_head(tmp_path_factory):
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", f"--port={free_port()}",
          "--dashboard-host", "127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus", "2",
-         "--include-dashboard", "true", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+         "--include-dashboard", "true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+         # Ports of their own: the test session's Ray already holds the defaults (its dashboard agent on 52365),
+         # and a head whose job agent cannot bind answers every submission with "No available agent".
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--ray-client-server-port={free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"

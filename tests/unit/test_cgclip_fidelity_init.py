@@ -1,0 +1,35 @@
+"""The recipe's "pretrained" milestone is the model its first stage trains from, also for random-init backbones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from robustfm.config import load_config
+from robustfm.recipes.cgclip import CGClipTaskBuilder, _initial_task
+from robustfm.recipes.cgclip_config import CGClipRecipeConfig
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "cgclip" / "demo.yaml"
+
+
+def _engine_build(cfg: CGClipRecipeConfig) -> torch.nn.Module:
+    # What robustfm.train.loop does before the first stage (the recipe passes seed=cfg.seed to the engine).
+    torch.manual_seed(cfg.seed)
+    return CGClipTaskBuilder(cfg.model, cfg.method)()
+
+
+def test_initial_task_matches_the_engines_random_init_and_leaves_the_global_rng_alone() -> None:
+    cfg = load_config(CGClipRecipeConfig, DEMO, ["seed=3", "method.decoder_channels=[16,8,4]"])
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    recipe = _initial_task(cfg)
+    after = torch.rand(1)
+    engine = _engine_build(cfg)
+    for (name, a), (_, b) in zip(recipe.state_dict().items(), engine.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(before, after)  # fork_rng: the caller's random stream is not consumed
+    other = load_config(CGClipRecipeConfig, DEMO, ["seed=4", "method.decoder_channels=[16,8,4]"])
+    image_key = next(k for k in recipe.state_dict() if "visual" in k and k.endswith("weight"))
+    assert not torch.equal(_initial_task(other).state_dict()[image_key], recipe.state_dict()[image_key])
