@@ -83,7 +83,7 @@ def run(cfg: CGClipRecipeConfig) -> CGClipResult:
     milestones: dict[str, dict[str, float]] = {}
 
     # 2. the pretrained model -------------------------------------------------------------------------------------
-    pretrained = CGClipTaskBuilder(cfg.model, cfg.method)()
+    pretrained = _initial_task(cfg)
     pretrained_clip_state = _clip_state(pretrained)
     milestones["pretrained"] = _milestone("pretrained", pretrained, cfg, shards, eval_cfg, tracker, parent, out)
 
@@ -137,31 +137,11 @@ def _fit_stage(
     saved: Path,
 ) -> Path:
     """Train one stage with the engine and save the task's state where the next stage (and a rerun) finds it."""
-    from robustfm.data import ShardBatchSource
-    from robustfm.data.corruption_stages import corrupt_stage, gt_map_stage_from_config
     from robustfm.models.weights import save_weights
     from robustfm.train import fit
 
     stage_cfg = cfg.train.stages[stage]
-    # Ground-truth maps cost a VGG-16 pass per image: compute them only when the corruption loss counts.
-    needs_maps = stage_cfg.loss_weights.get("corruption", 0.0) > 0
-    corruption = cfg.data.corruption
-    stages = [corrupt_stage(corruption.corruption_set, corruption.severities, cfg.seed, corruption.batch_size)]
-    if needs_maps:
-        stages.append(gt_map_stage_from_config(cfg.data.gt_map))
-    batches = ShardBatchSource(
-        shards,
-        cfg.data.train_split,
-        cfg.data.image_size,
-        cfg.data.clean_per_batch,
-        train=True,
-        seed=cfg.seed,
-        stages=stages,
-        crop_scale=cfg.data.crop_scale,
-        endpoint_url=cfg.data.s3_endpoint_url,
-        holdout_fraction=cfg.data.holdout_fraction,
-        holdout_role="exclude",
-    )
+    batches = training_batches(cfg, shards, [stage])
     train_cfg = dataclasses.replace(cfg.train, stages={stage: stage_cfg}, seed=cfg.seed)
     result = fit(
         train_cfg,
@@ -177,6 +157,32 @@ def _fit_stage(
     save_weights(task, saved, metadata={"stages": milestone, "checkpoint": result.checkpoint_path})
     (saved.parent / "train_metrics.json").write_text(json.dumps(result.metrics, indent=2, default=str))
     return saved
+
+
+def training_batches(cfg: CGClipRecipeConfig, shards: str, stages: list[str]) -> Any:
+    """The training split minus its held-out part, each image with its corrupted copy (and GT map when needed)."""
+    from robustfm.data import ShardBatchSource
+    from robustfm.data.corruption_stages import corrupt_stage, gt_map_stage_from_config
+
+    # Ground-truth maps cost a VGG-16 pass per image: compute them only when the corruption loss counts.
+    needs_maps = any(cfg.train.stages[s].loss_weights.get("corruption", 0.0) > 0 for s in stages)
+    corruption = cfg.data.corruption
+    data_stages = [corrupt_stage(corruption.corruption_set, corruption.severities, cfg.seed, corruption.batch_size)]
+    if needs_maps:
+        data_stages.append(gt_map_stage_from_config(cfg.data.gt_map))
+    return ShardBatchSource(
+        shards,
+        cfg.data.train_split,
+        cfg.data.image_size,
+        cfg.data.clean_per_batch,
+        train=True,
+        seed=cfg.seed,
+        stages=data_stages,
+        crop_scale=cfg.data.crop_scale,
+        endpoint_url=cfg.data.s3_endpoint_url,
+        holdout_fraction=cfg.data.holdout_fraction,
+        holdout_role="exclude",
+    )
 
 
 def _milestone(
@@ -310,6 +316,17 @@ def _demo_shards(cfg: CGClipRecipeConfig, out: Path) -> str:
     from robustfm.testing.datasets import write_demo_shards
 
     return str(write_demo_shards(out / "demo_data", image_size=max(64, cfg.data.image_size), seed=cfg.seed))
+
+
+def _initial_task(cfg: CGClipRecipeConfig) -> Any:
+    """The model the first stage starts from. The engine seeds torch with the run seed before building its task, so
+    seeding the same way here makes a random-init backbone (the tiny demo model) the one that training starts from
+    (else the "pretrained" milestone and the WiSE-FT mixes would use another random draw)."""
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        return CGClipTaskBuilder(cfg.model, cfg.method)()
 
 
 def _clip_state(task: Any) -> dict[str, Any]:
