@@ -4,14 +4,16 @@ The file format, for every method::
 
     # python jobs/sweep.py --recipe cgclip --space tune_spaces/cgclip_lambda_lr.yaml
     recipe: cgclip                       # must match --recipe
-    base_config: configs/cgclip/tiny.yaml  # optional; relative to the repository root
-    metric: val/corruption_detection/auroc
+    base_config: configs/cgclip/demo.yaml  # optional (default: the recipe's); relative to the repository root
+    metric: val/auroc                    # one of the recipe's per-epoch validation metrics
     mode: max                            # max | min
     num_samples: 8                       # trials (with grid: repeats of the whole grid)
     max_concurrent: 2
     searcher: {type: optuna_tpe, seed: 0}   # random | grid | optuna_tpe
     scheduler: {type: asha, grace_period: 1, reduction_factor: 2}   # asha | fifo
     overrides: [train.num_workers=1]     # fixed overrides applied to every trial
+    stages: [tune]                       # optional: the stages a trial trains (default: the recipe's curriculum)
+    init_weights: null                   # optional: saved task state every trial starts from
     space:
       train.stages.tune.loss_weights.corruption: loguniform(0.1, 10)
       train.stages.tune.lr.decoder: loguniform(1e-5, 1e-3)
@@ -20,6 +22,11 @@ The file format, for every method::
 Distributions: ``uniform(a, b)``, ``loguniform(a, b)``, ``quniform(a, b, q)``, ``randint(a, b)``, ``choice([...])``
 and ``grid([...])`` (every value is tried; only with the ``grid`` or ``random`` searcher). Each path is checked against
 the recipe's config schema before anything starts, so a typo fails with the field named.
+
+Every trial trains ``stages`` (in order, in one engine run) and reports the recipe's validation metrics after every
+epoch, with ``epoch`` (epochs done in the trial, over all its stages) as ASHA's time axis. To sweep a late stage as
+the paper does (lambda in Tune, after Adapt and Isolate), train the early stages once with the recipe's job and point
+``init_weights`` at their saved weights (CG-CLIP: ``<output_dir>/<name>/stages/adapt-isolate/task.safetensors``).
 """
 
 from __future__ import annotations
@@ -132,6 +139,10 @@ class SweepSpace:
     searcher: SearcherSpec = field(default_factory=SearcherSpec)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     space: dict[str, str] = field(default_factory=FrozenDict)
+    stages: tuple[str, ...] = ()
+    """Stages of the recipe each trial trains, in order (empty: the recipe's own list, CG-CLIP's ``curriculum``)."""
+    init_weights: str | None = None
+    """A saved task state (safetensors) every trial starts from; None: the recipe's initial model."""
 
     def __post_init__(self) -> None:
         check(self.num_samples >= 1, "num_samples", self.num_samples, "must be >= 1")

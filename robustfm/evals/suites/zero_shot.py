@@ -52,7 +52,8 @@ class ZeroShotScorer(ScoringActor):
         from robustfm.perturbations import perturb
 
         ids = [str(i) for i in batch["id"]]
-        labels = [int(label) for label in batch["label"]]
+        index_of = {label: index for index, label in enumerate(self.params["class_labels"])}
+        labels = [index_of.get(int(label), -1) for label in batch["label"]]  # -1: unlabelled
         rows = self._rows(ids, labels, pixels, CLEAN)
         for corruption in self.params["corruptions"]:
             for severity in self.params["severities"]:
@@ -98,8 +99,10 @@ class ZeroShotSuite(Suite):
         corruptions = resolve_names(self.section.corruptions, default_corruptions, CORRUPTIONS, "corruption")
         perturbations = resolve_names(self.section.perturbations, PERTURBATIONS.names(), PERTURBATIONS, "perturbation")
         steps = self.section.perturbation_steps
+        classes = class_names_by_label(dataset)
         return {
-            "class_names": class_names_by_label(dataset),
+            "class_names": list(classes.values()),
+            "class_labels": list(classes),
             "templates": list(self.section.templates),
             "corruptions": corruptions,
             "severities": list(self.section.severities),
@@ -176,11 +179,14 @@ def _strongest(name: str) -> float:
     return meta["low"] if abs(meta["low"] - meta["identity"]) >= abs(meta["high"] - meta["identity"]) else meta["high"]
 
 
-def class_names_by_label(dataset: Any) -> list[str]:
-    """Class names ordered by label (0..C-1), read from the data's ``label`` / ``class_name`` columns.
+def class_names_by_label(dataset: Any) -> dict[int, str]:
+    """``{label: class name}`` of the classes present in the data, in label order.
+
+    The candidate classes are those the evaluated images carry: on a subset (``max_samples``) of a labelled set, the
+    protocol's sample-id hash pins which classes those are.
 
     Raises:
-        ValueError: labels are not 0..C-1, or one label carries two names.
+        ValueError: one label carries two names, or no image has a label.
     """
     table = dataset.select_columns(["label", "class_name"]).to_pandas().drop_duplicates()
     names: dict[int, str] = {}
@@ -190,6 +196,6 @@ def class_names_by_label(dataset: Any) -> list[str]:
             continue
         if names.setdefault(label, str(name)) != str(name):
             raise ValueError(f"zero_shot: label {label} has two class names, {names[label]!r} and {name!r}")
-    if sorted(names) != list(range(len(names))):
-        raise ValueError(f"zero_shot: labels must be 0..C-1 with a class_name each, got labels {sorted(names)}")
-    return [names[label] for label in range(len(names))]
+    if not names:
+        raise ValueError("zero_shot: no image carries a label (column 'label' >= 0)")
+    return dict(sorted(names.items()))

@@ -1,0 +1,95 @@
+"""jobs/cgclip.py against a real MLflow tracking server (infra/mlflow-local.sh) on loopback: the parent run, the
+engine's stage runs and the milestone runs all land on the server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.recipes.conftest import REPO, run_job, tiny_cgclip_overrides
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """infra/mlflow-local.sh on 127.0.0.1:<free port>, stopped (its whole process group) after the test."""
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    server = subprocess.Popen(
+        ["bash", str(REPO / "infra" / "mlflow-local.sh"), str(tmp_path / "store")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not come up on {url} (exit code {server.poll()})")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_cgclip_logs_parent_stage_and_milestone_runs_to_the_server(mlflow_server, demo_shards, tmp_path):
+    from mlflow import MlflowClient
+
+    overrides = tiny_cgclip_overrides(
+        tmp_path,
+        demo_shards,
+        name="on-server",
+        curriculum="[adapt]",
+        **{
+            "tracking.uri": mlflow_server,
+            "tracking.experiment": "server-test",
+            "eval.tsne": "false",
+            "eval.suites": "[corruption_detection]",
+        },
+    )
+    done = run_job(["jobs/cgclip.py", "--config", "configs/cgclip/demo.yaml", *overrides], timeout=360)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert not (tmp_path / "mlflow.db").exists()  # nothing went to a local store
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("server-test")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [p.info.run_name for p in parents] == ["on-server"]
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["name"] == "on-server"
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    # the engine's run of the Adapt stage (written from the Ray Train worker) and the two milestones
+    assert {"on-server-adapt/adapt", "milestone-pretrained", "milestone-adapt"} <= set(children), sorted(children)
+    stage = children["on-server-adapt/adapt"]
+    assert stage.data.tags["stage"] == "adapt" and "loss/total" in stage.data.metrics
+    for milestone in ("milestone-pretrained", "milestone-adapt"):
+        assert any(k.startswith("corruption_detection/") for k in children[milestone].data.metrics), milestone
+    assert any(k.startswith("adapt/corruption_detection/") for k in parent.data.metrics)
