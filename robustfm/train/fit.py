@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,8 @@ def fit(
     parent_run_id: str | None = None,
     run_name: str = "train",
     on_stage_end: Callable[[str, dict[str, torch.Tensor], dict[str, Any]], dict[str, float] | None] | None = None,
+    on_epoch_end: Callable[[str, int, dict[str, torch.Tensor], dict[str, Any]], dict[str, float] | None] | None = None,
+    run_callbacks: Sequence[Any] = (),
 ) -> TrainResult:
     """Train ``build_task()`` through ``train_cfg.stages``; resume if ``run_name`` already has checkpoints.
 
@@ -84,6 +86,13 @@ def fit(
         on_stage_end: called on rank 0 after each stage with (stage name, full model state on CPU, the stage's
             last metrics); the metrics it returns are logged to the stage's run and added to the result. It runs
             inside the worker, so it must pickle.
+        on_epoch_end: validation after every epoch, on rank 0: called with (stage name, epochs done in this run
+            counted over all stages, full model state on CPU, the stage's last logged window); the metrics it
+            returns go into ``history``, the stage's tracked run, and a metrics-only ``ray.train.report`` that every
+            rank makes (``{"epoch": n, "stage": name, **metrics}``), so that a Tune trial running this fit sees a
+            result per epoch. Must pickle; None: no per-epoch validation and no extra reports.
+        run_callbacks: Ray Train V2 callbacks for the TorchTrainer's ``RunConfig`` (e.g.
+            ``ray.tune.integration.ray_train.TuneReportCallback`` inside a Tune trial). Ray launcher only.
 
     Returns:
         The last checkpoint, the exported safetensors and the final metrics.
@@ -104,7 +113,7 @@ def fit(
         train_cfg.num_workers,
         train_cfg.strategy.name,
     )
-    outcome = launch(train_cfg, build_task, batches, tracking, run_name, on_stage_end)
+    outcome = launch(train_cfg, build_task, batches, tracking, run_name, on_stage_end, on_epoch_end, run_callbacks)
     summary = dict(outcome.summary)
     history = tuple(summary.pop("history", ()))
     checkpoint = outcome.checkpoint_path

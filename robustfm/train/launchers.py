@@ -16,7 +16,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,11 @@ class RayWorkerContext:
             metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)), checkpoint_dir_name=name
         )
 
+    def report_metrics(self, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        ray.train.report(metrics)  # every rank; a run inside a Tune trial forwards rank 0's (TuneReportCallback)
+
     def die(self, message: str) -> None:
         if self.rank == 0:
             logger.error("%s: killing rank 0", message)
@@ -127,6 +132,7 @@ def _ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
         RayWorkerContext(),
         config["tracking"],
         config["on_stage_end"],
+        config["on_epoch_end"],
     )
 
 
@@ -137,8 +143,13 @@ def run_ray(
     tracking: TrackingSpec,
     run_name: str,
     on_stage_end: Callable[..., Any] | None = None,
+    on_epoch_end: Callable[..., Any] | None = None,
+    run_callbacks: Sequence[Any] = (),
 ) -> LaunchOutcome:
-    """Run the stages on Ray Train workers; a run with the same storage and name resumes where it stopped."""
+    """Run the stages on Ray Train workers; a run with the same storage and name resumes where it stopped.
+
+    ``run_callbacks`` go to the TorchTrainer's ``RunConfig(callbacks=...)`` (e.g. Tune's ``TuneReportCallback``).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -152,6 +163,7 @@ def run_ray(
         storage_filesystem=filesystem,
         failure_config=FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        callbacks=list(run_callbacks) or None,
     )
     loop_config = {
         "cfg": cfg,
@@ -159,6 +171,7 @@ def run_ray(
         "source": source,
         "tracking": tracking,
         "on_stage_end": on_stage_end,
+        "on_epoch_end": on_epoch_end,
     }
     trainer = TorchTrainer(
         _ray_train_loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config
@@ -230,6 +243,9 @@ class LocalWorkerContext:
             return
         for old in list_checkpoints(self.filesystem, self.run_path)[: -self.keep]:
             _filesystem(self.filesystem).delete_dir(old)
+
+    def report_metrics(self, metrics: dict[str, Any]) -> None:
+        pass  # no Ray session to report to: the metrics are in the history and the tracked run
 
     def die(self, message: str) -> None:
         raise InjectedFault(message)
@@ -320,6 +336,7 @@ def _local_rank(
     run_path: str,
     on_stage_end: Any,
     summary_file: str | None,
+    on_epoch_end: Any = None,
 ) -> dict[str, Any]:
     if summary_file is not None:  # a spawned process: nothing configured its logging
         _configure_worker_logging()
@@ -335,7 +352,7 @@ def _local_rank(
             cfg.keep_checkpoints,
             progress="bar" if rank == 0 else "none",
         )
-        summary = train_worker(cfg, build_task, source, context, tracking, on_stage_end)
+        summary = train_worker(cfg, build_task, source, context, tracking, on_stage_end, on_epoch_end)
     finally:
         destroy_local_process_group()
     if summary_file is not None and rank == 0:
@@ -350,8 +367,12 @@ def run_local(
     tracking: TrackingSpec,
     run_name: str,
     on_stage_end: Callable[..., Any] | None = None,
+    on_epoch_end: Callable[..., Any] | None = None,
+    run_callbacks: Sequence[Any] = (),
 ) -> LaunchOutcome:
     """Run the stages without Ray: in this process, or in ``num_workers`` spawned processes."""
+    if run_callbacks:
+        raise ValueError("run_callbacks are Ray Train callbacks: they need train.launcher 'ray'")
     filesystem, storage = storage_filesystem(cfg)
     if filesystem is None and storage.startswith("s3://"):
         from pyarrow import fs
@@ -360,7 +381,7 @@ def run_local(
     run_path = f"{storage.rstrip('/')}/{run_name}"
     port = _free_port()
     if cfg.num_workers == 1:
-        summary = _local_rank(0, 1, port, cfg, build_task, source, tracking, run_path, on_stage_end, None)
+        summary = _local_rank(0, 1, port, cfg, build_task, source, tracking, run_path, on_stage_end, None, on_epoch_end)
     else:
         import torch.multiprocessing as mp
 
@@ -369,7 +390,18 @@ def run_local(
             mp.spawn(
                 _local_rank,
                 nprocs=cfg.num_workers,
-                args=(cfg.num_workers, port, cfg, build_task, source, tracking, run_path, on_stage_end, summary_file),
+                args=(
+                    cfg.num_workers,
+                    port,
+                    cfg,
+                    build_task,
+                    source,
+                    tracking,
+                    run_path,
+                    on_stage_end,
+                    summary_file,
+                    on_epoch_end,
+                ),
             )
             summary = json.loads(Path(summary_file).read_text())
     checkpoint = latest_checkpoint(filesystem, run_path)

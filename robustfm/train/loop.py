@@ -84,8 +84,13 @@ def train_worker(
     context: Any,
     tracking: TrackingSpec,
     on_stage_end: Callable[..., Any] | None = None,
+    on_epoch_end: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every stage of ``cfg`` on this rank.
+
+    ``on_epoch_end`` (optional; see :func:`robustfm.train.fit`) validates on rank 0 after every epoch; its metrics
+    go into the history, the stage's tracked run and a metrics-only report that every rank makes (Ray Train V2 needs
+    each rank to call ``report``), which a Tune trial sees.
 
     Returns:
         Final metrics (rank 0's are the run's): ``global_step``, ``samples_seen``, ``strategy``, ``zero_stage``, the
@@ -173,6 +178,7 @@ def train_worker(
                     restored if resume_mid else None,
                     history,
                     run,
+                    on_epoch_end,
                 )
             except BaseException:
                 if run is not None:
@@ -228,6 +234,7 @@ def _run_stage(
     restored: Path | None,
     history: list[dict[str, Any]],
     run: Any,
+    on_epoch_end: Callable[..., Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Train one stage from ``position`` (updated in place); returns the final full state and last checkpoint name."""
     rank, world_size, device = context.rank, context.world_size, context.device
@@ -311,6 +318,18 @@ def _run_stage(
                 )
             position.epoch += 1
             position.batches_done = 0
+            if on_epoch_end is not None:
+                _validate_epoch(
+                    on_epoch_end,
+                    context,
+                    stage_name,
+                    epochs_before + position.epoch,
+                    position,
+                    runtime,
+                    history,
+                    reporter,
+                    run,
+                )
         position.stage_complete = True
         final_state = runtime.full_state_dict()
         last_name = _checkpoint(cfg, context, stage_name, position, runtime, decision, history, reporter, final_state)
@@ -318,6 +337,35 @@ def _run_stage(
         reporter.close()
         runtime.close()
     return final_state, last_name
+
+
+def _validate_epoch(
+    on_epoch_end: Callable[..., Any],
+    context: Any,
+    stage_name: str,
+    epochs_done: int,
+    position: TrainPosition,
+    runtime: Any,
+    history: list[dict[str, Any]],
+    reporter: StageReporter,
+    run: Any,
+) -> None:
+    """Rank 0 validates the current weights; then every rank reports ``{"epoch", "stage", **metrics}``."""
+    started, cpu_started = time.perf_counter(), time.thread_time()
+    model_state = None
+    if context.rank == 0 or runtime.name == "deepspeed":
+        model_state = runtime.full_state_dict()  # a collective under ZeRO-3
+    metrics: dict[str, float] = {}
+    if context.rank == 0:
+        returned = on_epoch_end(stage_name, epochs_done, model_state, dict(reporter.last or {})) or {}
+        metrics = {str(k): float(v) for k, v in returned.items()}
+        history.append({"stage": stage_name, "epoch": float(epochs_done), **metrics})
+        if run is not None and metrics:
+            run.log_metrics(metrics, step=position.global_step)
+        logger.info("stage %s: epoch %d validated: %s", stage_name, epochs_done, metrics)
+    del model_state
+    context.report_metrics({"epoch": epochs_done, "stage": stage_name, **metrics})
+    reporter.exclude(time.perf_counter() - started, time.thread_time() - cpu_started)
 
 
 def _checkpoint(
