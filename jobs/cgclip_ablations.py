@@ -2,7 +2,8 @@
 CG-CLIP itself and the CLIP + linear-probe baseline, trained and evaluated under the same base config.
 
     python jobs/cgclip_ablations.py --config configs/cgclip/demo.yaml
-    ray job submit --working-dir . -- python jobs/cgclip_ablations.py --config configs/cgclip/vit_b32.yaml ray.address=auto
+    ray job submit --working-dir . -- python jobs/cgclip_ablations.py \
+        --config configs/cgclip/vit_b32.yaml ray.address=auto
 Variants that share a prefix of the curriculum share its training (same output folder). Writes ablations.md.
 """
 
