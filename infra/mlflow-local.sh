@@ -6,7 +6,15 @@
 set -euo pipefail
 store=$(cd "$(dirname "${1:-mlruns}")" && pwd)/$(basename "${1:-mlruns}")
 mkdir -p "$store/artifacts"
-exec mlflow server \
+# `make` installs mlflow into the repository's .venv: use that one when no environment with mlflow is active.
+mlflow_bin=$(command -v mlflow || true)
+repo_venv_mlflow="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/mlflow"
+if [[ -z "$mlflow_bin" && -x "$repo_venv_mlflow" ]]; then mlflow_bin=$repo_venv_mlflow; fi
+if [[ -z "$mlflow_bin" ]]; then
+  echo "mlflow-local.sh: no 'mlflow' on PATH and no $repo_venv_mlflow; run 'make env' first" >&2
+  exit 1
+fi
+exec "$mlflow_bin" server \
   --host "${MLFLOW_HOST:-127.0.0.1}" --port "${MLFLOW_PORT:-5000}" \
   --backend-store-uri "sqlite:///$store/mlflow.db" \
   --artifacts-destination "$store/artifacts" \

@@ -7,9 +7,11 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -26,13 +28,16 @@ def _free_port() -> int:
 def mlflow_server(tmp_path):
     """infra/mlflow-local.sh on 127.0.0.1:<free port>, stopped (its whole process group) after the test."""
     port = _free_port()
-    env = {**os.environ, "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1"}
+    # The `mlflow` entry point of the environment under test, whether or not that environment is activated.
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    log_path = tmp_path / "mlflow-server.log"
     server = subprocess.Popen(
         ["bash", str(REPO / "infra" / "mlflow-local.sh"), str(tmp_path / "store")],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=log_path.open("wb"),
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -46,11 +51,15 @@ def mlflow_server(tmp_path):
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not come up on {url} (exit code {server.poll()})")
+                log_tail = log_path.read_text(errors="replace")[-2000:]
+                pytest.fail(f"mlflow server did not come up on {url} (exit code {server.poll()}):\n{log_tail}")
             time.sleep(0.5)
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+        except ProcessLookupError:  # a server that died on start-up leaves no process group to stop
+            pass
         server.wait(timeout=30)
 
 
