@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(plan.base.ray)
     from robustfm.sweeps.tune import run_sweep
 
-    run_sweep(plan)
-    return 0
+    result = run_sweep(plan)
+    return 130 if result.interrupted else 0  # 130: the shell's code for a run stopped by Ctrl-C
 
 
 if __name__ == "__main__":

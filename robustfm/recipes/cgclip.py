@@ -185,6 +185,62 @@ def training_batches(cfg: CGClipRecipeConfig, shards: str, stages: list[str]) ->
     )
 
 
+def evaluation_batches(
+    cfg: CGClipRecipeConfig,
+    shards: str,
+    split: str,
+    batch_size: int,
+    corruption_seed: int,
+    *,
+    heldout_only: bool = False,
+    with_maps: bool = False,
+) -> Any:
+    """Images of ``split`` in a fixed order (eval transform, no shuffle), each with one corrupted copy drawn from the
+    training corruption set with ``corruption_seed`` (and its GT map when ``with_maps``). ``heldout_only`` keeps just
+    the held-out part of the split (``data.holdout_fraction``): the validation set of a sweep."""
+    from robustfm.data import ShardBatchSource
+    from robustfm.data.corruption_stages import corrupt_stage, gt_map_stage_from_config
+
+    corruption = cfg.data.corruption
+    stages = [corrupt_stage(corruption.corruption_set, corruption.severities, corruption_seed, corruption.batch_size)]
+    if with_maps:
+        stages.append(gt_map_stage_from_config(cfg.data.gt_map))
+    return ShardBatchSource(
+        shards,
+        split,
+        cfg.data.image_size,
+        batch_size,
+        train=False,
+        seed=cfg.seed,
+        stages=stages,
+        endpoint_url=cfg.data.s3_endpoint_url,
+        holdout_fraction=cfg.data.holdout_fraction if heldout_only else 0.0,
+        holdout_role="only",
+    )
+
+
+def first_evaluation_batch(
+    cfg: CGClipRecipeConfig,
+    shards: str,
+    split: str,
+    corruption_seed: int,
+    *,
+    max_images: int | None = None,
+    heldout_only: bool = False,
+    with_maps: bool = False,
+) -> dict[str, Any]:
+    """:func:`evaluation_batches` as one batch of its first ``max_images`` images (default: all of them)."""
+
+    def source(batch_size: int) -> Any:
+        return evaluation_batches(
+            cfg, shards, split, batch_size, corruption_seed, heldout_only=heldout_only, with_maps=with_maps
+        )
+
+    rows = source(1).num_rows
+    size = rows if max_images is None else min(max_images, rows)
+    return next(iter(source(size).batches(epoch=0, rank=0, world_size=1, skip_batches=0)))
+
+
 def _milestone(
     name: str, task: Any, cfg: CGClipRecipeConfig, shards: str, eval_cfg: Any, tracker: Any, parent: Any, out: Path
 ) -> dict[str, float]:
@@ -215,27 +271,9 @@ def _milestone(
 
 def _tsne(name: str, task: Any, cfg: CGClipRecipeConfig, shards: str, png: Path) -> Path:
     """t-SNE of the image embeddings of held-out images, clean and corrupted (paper 000, figure 3)."""
-    from robustfm.data import ShardBatchSource
-    from robustfm.data.corruption_stages import corrupt_stage
     from robustfm.recipes.milestones import embeddings_of, tsne_plot
 
-    corruption = cfg.data.corruption
-    stages = [corrupt_stage(corruption.corruption_set, corruption.severities, cfg.seed + 1, corruption.batch_size)]
-
-    def source(batch_size: int) -> ShardBatchSource:
-        return ShardBatchSource(
-            shards,
-            cfg.data.eval_split,
-            cfg.data.image_size,
-            batch_size,
-            train=False,
-            seed=cfg.seed,
-            stages=stages,
-            endpoint_url=cfg.data.s3_endpoint_url,
-        )
-
-    n = min(cfg.eval.tsne_samples, source(1).num_rows)
-    batch = next(iter(source(n).batches(epoch=0, rank=0, world_size=1, skip_batches=0)))
+    batch = first_evaluation_batch(cfg, shards, cfg.data.eval_split, cfg.seed + 1, max_images=cfg.eval.tsne_samples)
     clean = embeddings_of(task.model.clip, batch["image"])
     corrupted = embeddings_of(task.model.clip, batch["corrupted"])
     return tsne_plot(clean, corrupted, png, f"CG-CLIP image embeddings: {name}", cfg.seed)

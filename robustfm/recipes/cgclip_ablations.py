@@ -68,11 +68,16 @@ def run_ablations(base: CGClipRecipeConfig, variants: dict[str, CGClipRecipeConf
         result = run(cfg)
         final = result.milestones["-".join(cfg.curriculum)]
         pretrained = result.milestones["pretrained"]
-        rows.append({"variant": f"{name} ({' > '.join(cfg.curriculum)})",
-                     **{col: final.get(key, float("nan")) for col, key in COLUMNS.items()}})
+        rows.append(
+            {
+                "variant": f"{name} ({' > '.join(cfg.curriculum)})",
+                **{col: final.get(key, float("nan")) for col, key in COLUMNS.items()},
+            }
+        )
     baseline = {col: pretrained.get(key, float("nan")) for col, key in PROBE_BASELINE.items()}
-    rows.insert(0, {"variant": "CLIP + linear probe (pretrained)",
-                    **{col: baseline.get(col, float("nan")) for col in COLUMNS}})
+    rows.insert(
+        0, {"variant": "CLIP + linear probe (pretrained)", **{col: baseline.get(col, float("nan")) for col in COLUMNS}}
+    )
     table = markdown_table(rows)
     out = Path(base.output_dir).resolve() / base.name / "ablations.md"
     out.write_text(table)

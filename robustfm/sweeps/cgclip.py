@@ -152,29 +152,14 @@ class CGClipSweep:
         tracking_uri: str | None,
         parent_run_id: str | None,
     ) -> dict[str, Any]:
-        from robustfm.data import ShardBatchSource
-        from robustfm.data.corruption_stages import corrupt_stage
-        from robustfm.recipes.cgclip import CGClipTaskBuilder, training_batches
+        from robustfm.recipes.cgclip import CGClipTaskBuilder, evaluation_batches, training_batches
         from robustfm.train import fit
 
         shards = cfg.data.shards
-        corruption = cfg.data.corruption
 
-        def validation_source(batch_size: int) -> ShardBatchSource:
-            return ShardBatchSource(
-                shards,
-                cfg.data.train_split,
-                cfg.data.image_size,
-                batch_size,
-                train=False,
-                seed=cfg.seed,
-                stages=[
-                    corrupt_stage(corruption.corruption_set, corruption.severities, cfg.seed, corruption.batch_size)
-                ],
-                endpoint_url=cfg.data.s3_endpoint_url,
-                holdout_fraction=cfg.data.holdout_fraction,
-                holdout_role="only",
-            )
+        def validation_source(batch_size: int) -> Any:
+            split = cfg.data.train_split
+            return evaluation_batches(cfg, shards, split, batch_size, cfg.seed, heldout_only=True)
 
         # Batches of at most VALIDATION_BATCH images; a smaller split is one batch, so no held-out image is dropped.
         validation = validation_source(max(1, min(VALIDATION_BATCH, validation_source(1).num_rows)))

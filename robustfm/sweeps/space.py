@@ -161,6 +161,14 @@ class SweepSpace:
         """Parameter path -> parsed distribution."""
         return {path: Distribution.parse(text, path) for path, text in self.space.items()}
 
+    def total_trials(self) -> int:
+        """Trials of the whole sweep: ``num_samples`` times every combination of the ``grid(...)`` values."""
+        combinations = 1
+        for distribution in self.distributions().values():
+            if distribution.kind == "grid":
+                combinations *= len(distribution.values())
+        return self.num_samples * combinations
+
 
 def load_space(path: str | Path) -> SweepSpace:
     """Read and validate a search-space file."""

@@ -58,6 +58,21 @@ def reopen_run(uri: str, run_id: str) -> None:
     mlflow_client(uri).update_run(run_id, status="RUNNING")
 
 
+def mark_interrupted(uri: str, parent_run_id: str) -> None:
+    """An interrupted sweep: its parent and its still-running child runs become KILLED until a resume reopens them."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    client = mlflow_client(uri)
+    parent = client.get_run(parent_run_id)
+    running_children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' AND attributes.status = 'RUNNING'",
+    )
+    for child in running_children:
+        client.set_terminated(child.info.run_id, status="KILLED")
+    client.set_terminated(parent_run_id, status="KILLED")
+
+
 class SweepMlflowCallback(Callback):
     """Logs each trial as a child run of ``parent_run_id``; picklable (Tune saves it with the experiment).
 

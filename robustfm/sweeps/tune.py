@@ -52,22 +52,35 @@ class SweepPlan:
 
 @dataclass(frozen=True)
 class SweepResult:
-    """A finished sweep."""
+    """A finished sweep, or an interrupted one (then without a best trial: rerun the command to resume)."""
 
     experiment_dir: Path
     parent_run_id: str | None
-    best_trial_id: str
+    best_trial_id: str | None
     best_config: dict[str, Any]
     best_metric: float
     trials: list[dict[str, Any]]
     """Per trial: ``trial_id``, sampled values, ``epochs`` reported, last value of the metric, status."""
+    interrupted: bool = False
+    """Tune stopped before every trial ended (Ctrl-C / SIGINT): its state is saved and the same command resumes."""
 
 
 def plan_sweep(
-    recipe: str, space_path: str | Path, name: str | None = None, overrides: Sequence[str] = ()
+    recipe: str,
+    space_path: str | Path,
+    name: str | None = None,
+    overrides: Sequence[str] = (),
+    init_weights: str | None = None,
 ) -> SweepPlan:
-    """Load and check everything a sweep needs; raises ``ConfigError`` naming the file and field."""
+    """Load and check everything a sweep needs; raises ``ConfigError`` naming the file and field.
+
+    ``init_weights`` (the job's ``--init-weights``) replaces the space file's ``init_weights``; either is made
+    absolute here, against the current directory, because trials run in directories of their own.
+    """
     space = load_space(space_path)
+    init_weights = init_weights if init_weights is not None else space.init_weights
+    if init_weights is not None:
+        space = dataclasses.replace(space, init_weights=str(Path(init_weights).resolve()))
     if space.recipe != recipe:
         raise ConfigError("recipe", f"{space_path} is a space for {space.recipe!r}, not {recipe!r}")
     adapter = SWEEPABLE_RECIPES.get(recipe)
@@ -192,6 +205,9 @@ def run_sweep(plan: SweepPlan) -> SweepResult:
             ),
         )
     grid = tuner.fit()
+    ended = grid.num_terminated + grid.num_errors
+    if ended < plan.space.total_trials():
+        return _interrupted(plan, grid, ended, uri, parent_run_id)
     return _summarize(plan, grid, uri, parent_run_id)
 
 
@@ -221,8 +237,23 @@ def _scheduler(space: SweepSpace, total_epochs: int) -> Any:
     )
 
 
-def _summarize(plan: SweepPlan, grid: Any, uri: str | None, parent_run_id: str | None) -> SweepResult:
-    metric, mode = plan.space.metric, plan.space.mode
+def _interrupted(plan: SweepPlan, grid: Any, ended: int, uri: str | None, parent_run_id: str | None) -> SweepResult:
+    """Tune returned early (it catches SIGINT, saves its state and returns): no best trial is claimed, the runs of
+    the sweep are marked KILLED (a resume reopens them), and the command to resume is printed."""
+    if parent_run_id is not None:
+        from robustfm.sweeps.tracking import mark_interrupted
+
+        mark_interrupted(uri, parent_run_id)
+    total = plan.space.total_trials()
+    print(
+        f"\nSweep {plan.name} interrupted: {ended} of {total} trials ended; its state is saved in "
+        f"{plan.experiment_dir}. Run the same command again to resume it."
+    )
+    return SweepResult(plan.experiment_dir, parent_run_id, None, {}, float("nan"), _trial_rows(plan, grid), True)
+
+
+def _trial_rows(plan: SweepPlan, grid: Any) -> list[dict[str, Any]]:
+    metric = plan.space.metric
     trials = []
     for result in grid:
         history = result.metrics_dataframe
@@ -236,6 +267,12 @@ def _summarize(plan: SweepPlan, grid: Any, uri: str | None, parent_run_id: str |
                 "status": "ERROR" if result.error else ("STOPPED" if epochs < plan.total_epochs else "DONE"),
             }
         )
+    return trials
+
+
+def _summarize(plan: SweepPlan, grid: Any, uri: str | None, parent_run_id: str | None) -> SweepResult:
+    metric, mode = plan.space.metric, plan.space.mode
+    trials = _trial_rows(plan, grid)
     best = grid.get_best_result(metric=metric, mode=mode, scope="last")
     best_id = best.metrics["trial_id"]
     best_value = float(best.metrics[metric])

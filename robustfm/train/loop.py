@@ -273,6 +273,7 @@ def _run_stage(
     accum = cfg.grad_accum_steps
     lrs = peak_lrs
     last_name = ""
+    checkpointed_step = -1
     try:
         while position.epoch < stage.epochs:
             usable = per_epoch[position.epoch]
@@ -305,12 +306,11 @@ def _run_stage(
                     history.append({"stage": stage_name, **record})
                 if cfg.fail_at_step == position.global_step and context.first_attempt:
                     context.die(f"fault injected after step {position.global_step}")
-                if (
-                    cfg.checkpoint_every_steps
-                    and position.global_step % cfg.checkpoint_every_steps == 0
-                    and (not stage_done)
-                ):
+                # A checkpoint due on an epoch's last step waits until the epoch is closed and validated (below):
+                # a run resumed from it then starts the next epoch instead of validating this one a second time.
+                if _checkpoint_due(cfg, position) and position.batches_done < usable and not stage_done:
                     last_name = _checkpoint(cfg, context, stage_name, position, runtime, decision, history, reporter)
+                    checkpointed_step = position.global_step
             if position.batches_done < usable:
                 raise RuntimeError(
                     f"the batch source yielded {position.batches_done} of {usable} batches in epoch "
@@ -330,6 +330,9 @@ def _run_stage(
                     reporter,
                     run,
                 )
+            due = _checkpoint_due(cfg, position) and checkpointed_step != position.global_step
+            if due and position.epoch < stage.epochs:
+                last_name = _checkpoint(cfg, context, stage_name, position, runtime, decision, history, reporter)
         position.stage_complete = True
         final_state = runtime.full_state_dict()
         last_name = _checkpoint(cfg, context, stage_name, position, runtime, decision, history, reporter, final_state)
@@ -337,6 +340,11 @@ def _run_stage(
         reporter.close()
         runtime.close()
     return final_state, last_name
+
+
+def _checkpoint_due(cfg: Any, position: TrainPosition) -> bool:
+    """A periodic mid-stage checkpoint falls on the current step (stage ends always checkpoint)."""
+    return bool(cfg.checkpoint_every_steps) and position.global_step % cfg.checkpoint_every_steps == 0
 
 
 def _validate_epoch(

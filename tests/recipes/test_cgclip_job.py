@@ -43,15 +43,35 @@ def ray_head(tmp_path_factory):
     # session must not find (and try to join) this head.
     temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
     head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", f"--port={free_port()}",
-         "--dashboard-host", "127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus", "2",
-         "--include-dashboard", "true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-         # Ports of their own: the test session's Ray already holds the defaults (its dashboard agent on 52365),
-         # and a head whose job agent cannot bind answers every submission with "No available agent".
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-         f"--ray-client-server-port={free_port()}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            f"--port={free_port()}",
+            "--dashboard-host",
+            "127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "true",
+            "--disable-usage-stats",
+            f"--temp-dir={temp_dir}",
+            # Ports of their own: the test session's Ray already holds the defaults (its dashboard agent on 52365),
+            # and a head whose job agent cannot bind answers every submission with "No available agent".
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 120
@@ -76,8 +96,21 @@ def ray_head(tmp_path_factory):
 def test_ray_job_submit_runs_cgclip_end_to_end(ray_head, demo_shards, tmp_path):
     address, env = ray_head
     overrides = tiny_cgclip_overrides(tmp_path, demo_shards, name="submitted")
-    command = ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-               sys.executable, "jobs/cgclip.py", "--config", "configs/cgclip/demo.yaml", *overrides]
+    command = [
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(REPO),
+        "--",
+        sys.executable,
+        "jobs/cgclip.py",
+        "--config",
+        "configs/cgclip/demo.yaml",
+        *overrides,
+    ]
     deadline = time.time() + 300  # the head's job agent starts after its dashboard answers (slow on a busy machine)
     while True:
         submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=840)
@@ -123,11 +156,23 @@ def test_ray_job_submit_runs_cgclip_end_to_end(ray_head, demo_shards, tmp_path):
 
 @pytest.mark.timeout(900)
 def test_worker_killed_in_stage_two_resumes_from_its_checkpoint(demo_shards, tmp_path):
-    base = ["jobs/cgclip.py", "--config", "configs/cgclip/demo.yaml",
-            *tiny_cgclip_overrides(tmp_path, demo_shards, name="killed", **{
-                "curriculum": "[adapt,isolate]", "eval.enabled": "false",
+    base = [
+        "jobs/cgclip.py",
+        "--config",
+        "configs/cgclip/demo.yaml",
+        *tiny_cgclip_overrides(
+            tmp_path,
+            demo_shards,
+            name="killed",
+            **{
+                "curriculum": "[adapt,isolate]",
+                "eval.enabled": "false",
                 "train.stages.adapt.max_batches_per_epoch": "2",
-                "train.stages.isolate.max_batches_per_epoch": "5", "train.checkpoint_every_steps": "2"})]
+                "train.stages.isolate.max_batches_per_epoch": "5",
+                "train.checkpoint_every_steps": "2",
+            },
+        ),
+    ]
     # Stage 1 has 2 steps; in stage 2 every worker dies (os._exit) right after step 4, after the step-4 checkpoint
     # ... of the global step counter of that stage's run.
     first = run_job([*base, "train.fail_at_step=4"], timeout=600)
@@ -146,7 +191,10 @@ def test_worker_killed_in_stage_two_resumes_from_its_checkpoint(demo_shards, tmp
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("cgclip-demo")
-    isolate_runs = [r for r in client.search_runs([experiment.experiment_id], max_results=500)
-                    if r.data.tags.get("stage") == "isolate"]
+    isolate_runs = [
+        r
+        for r in client.search_runs([experiment.experiment_id], max_results=500)
+        if r.data.tags.get("stage") == "isolate"
+    ]
     resumed = [int(r.data.tags.get("resumed_at_step", "0")) for r in isolate_runs]
     assert max(resumed) >= 2, f"stage 2 did not resume from a checkpoint: {resumed}"

@@ -28,8 +28,14 @@ def test_job_upload_contains_code_only(tmp_path, respect_gitignore):
 
     checkout = tmp_path / "checkout"
     # Code in folders named like run outputs (robustfm/data, .../checkpoint.py) must still travel.
-    code = ["robustfm/registry.py", "robustfm/data/shards.py", "robustfm/train/checkpoint.py", "jobs/cgclip.py",
-            "configs/cgclip/demo.yaml", "pyproject.toml"]
+    code = [
+        "robustfm/registry.py",
+        "robustfm/data/shards.py",
+        "robustfm/train/checkpoint.py",
+        "jobs/cgclip.py",
+        "configs/cgclip/demo.yaml",
+        "pyproject.toml",
+    ]
     # What a user's checkout holds after a few runs; none of it may travel.
     planted = [
         ".git/HEAD",

@@ -167,3 +167,26 @@ def test_bf16_autocast_trains_with_fp32_weights(uninterrupted, tmp_path):
     bf16_losses = torch.tensor([r["loss/total"] for r in bf16.history])
     assert not torch.equal(bf16_losses, fp32_losses)  # bf16 matmuls really ran
     torch.testing.assert_close(bf16_losses, fp32_losses, rtol=5e-2, atol=1e-2)
+
+
+@pytest.mark.timeout(300)
+def test_checkpoint_on_an_epoch_end_is_taken_after_validation_so_a_resume_does_not_validate_twice(tmp_path):
+    # Steps 1-4: stage "head" (epoch 1); 5-8 and 9-12: stage "body" (epochs 2 and 3). The checkpoint due at step 8
+    # closes epoch 2; the fault after step 10 resumes from it.
+    validated: list[tuple[str, int]] = []
+
+    def validate(stage, epochs_done, state, metrics):
+        validated.append((stage, epochs_done))
+        return {"head_norm": float(state["head.weight"].norm())}
+
+    reference_cfg = _config("ddp", tmp_path / "reference", checkpoint_every_steps=4)
+    reference = fit(reference_cfg, build_tiny_task, SOURCE, run_name="reference", on_epoch_end=validate)
+    assert validated == [("head", 1), ("body", 2), ("body", 3)]
+    validated.clear()
+    cfg = _config("ddp", tmp_path / "killed", checkpoint_every_steps=4, fail_at_step=10)
+    with pytest.raises(InjectedFault):
+        fit(cfg, build_tiny_task, SOURCE, run_name="killed", on_epoch_end=validate)
+    assert validated == [("head", 1), ("body", 2)]
+    resumed = fit(cfg, build_tiny_task, SOURCE, run_name="killed", on_epoch_end=validate)
+    assert validated == [("head", 1), ("body", 2), ("body", 3)]  # epoch 2 is not validated again
+    assert _equal(resumed.load_state_dict(), reference.load_state_dict())
