@@ -33,6 +33,8 @@ from robustfm.recipes.cgclip_config import CGClipRecipeConfig
 logger = logging.getLogger("robustfm.recipes.cgclip")
 DETECTION_AUROC = "corruption_detection/zero_shot/all/auroc"
 ZERO_SHOT_TOP1 = "zero_shot/clean/top1"
+OOD_SUITE = "corruption_detection"
+"""The suite a milestone also runs on ``data.ood_shards`` (paper 000 evaluates detection in and out of domain)."""
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,11 @@ def _milestone(
 
             run = tracker.start_run(f"milestone-{name}", parent_run_id=parent.run_id, tags={"milestone": name})
             metrics = evaluate_model(task.model.clip, cfg.eval.suites, eval_cfg, tracker, run.run_id)
+            if cfg.data.ood_shards is not None:
+                ood = evaluate_model(
+                    task.model.clip, [OOD_SUITE], _ood_eval_config(cfg, eval_cfg), tracker, run.run_id, stage="ood"
+                )
+                metrics.update({f"ood/{key}": value for key, value in ood.items()})
             run.log_metrics(metrics)
             if cfg.eval.tsne:
                 run.log_artifact(_tsne(name, task, cfg, shards, tsne_png), "tsne")
@@ -331,6 +338,13 @@ def _milestone_eval_config(cfg: CGClipRecipeConfig, shards: str) -> Any:
     return with_eval_data(cfg.eval.suite_config, shards, cfg.data.eval_split, None)
 
 
+def _ood_eval_config(cfg: CGClipRecipeConfig, eval_cfg: Any) -> Any:
+    """The milestone evaluation's settings with the detection suite pointed at ``data.ood_shards``."""
+    detection = eval_cfg.corruption_detection
+    data = dataclasses.replace(detection.data, shards=cfg.data.ood_shards, split=cfg.data.ood_split)
+    return dataclasses.replace(eval_cfg, corruption_detection=dataclasses.replace(detection, data=data))
+
+
 def _milestone_table(milestones: dict[str, dict[str, float]]) -> str:
     from robustfm.recipes.milestones import markdown_table
 
@@ -342,6 +356,8 @@ def _milestone_table(milestones: dict[str, dict[str, float]]) -> str:
         DETECTION_AUROC,
         ZERO_SHOT_TOP1,
     ]
+    if any(key.startswith("ood/") for m in milestones.values() for key in m):
+        keys += [f"ood/{key}" for key in keys[:4]]
     rows = [
         {"milestone": name, **{k.replace("corruption_detection/", ""): m.get(k, float("nan")) for k in keys}}
         for name, m in milestones.items()

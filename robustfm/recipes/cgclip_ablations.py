@@ -25,6 +25,11 @@ COLUMNS = {
     "seen F1 (zero-shot)": "corruption_detection/zero_shot/set/seen/f1",
     "zero-shot top-1 (classes)": "zero_shot/clean/top1",
 }
+OOD_COLUMNS = {
+    "OOD seen AUROC (zero-shot)": "ood/corruption_detection/zero_shot/set/seen/auroc",
+    "OOD unseen AUROC (zero-shot)": "ood/corruption_detection/zero_shot/set/unseen/auroc",
+}
+"""Added to the table when the base config sets ``data.ood_shards``."""
 PROBE_BASELINE = {
     "seen AUROC (probe)": "corruption_detection/probe/set/seen/auroc",
     "unseen AUROC (probe)": "corruption_detection/probe/set/unseen/auroc",
@@ -63,6 +68,7 @@ def run_ablations(base: CGClipRecipeConfig, variants: dict[str, CGClipRecipeConf
     from robustfm.recipes.milestones import markdown_table
     from robustfm.tracking import create_tracker, resolve_tracking_uri
 
+    columns = {**COLUMNS, **(OOD_COLUMNS if base.data.ood_shards is not None else {})}
     rows, pretrained = [], {}
     for name, cfg in variants.items():
         result = run(cfg)
@@ -71,12 +77,12 @@ def run_ablations(base: CGClipRecipeConfig, variants: dict[str, CGClipRecipeConf
         rows.append(
             {
                 "variant": f"{name} ({' > '.join(cfg.curriculum)})",
-                **{col: final.get(key, float("nan")) for col, key in COLUMNS.items()},
+                **{col: final.get(key, float("nan")) for col, key in columns.items()},
             }
         )
     baseline = {col: pretrained.get(key, float("nan")) for col, key in PROBE_BASELINE.items()}
     rows.insert(
-        0, {"variant": "CLIP + linear probe (pretrained)", **{col: baseline.get(col, float("nan")) for col in COLUMNS}}
+        0, {"variant": "CLIP + linear probe (pretrained)", **{col: baseline.get(col, float("nan")) for col in columns}}
     )
     table = markdown_table(rows)
     out = Path(base.output_dir).resolve() / base.name / "ablations.md"
@@ -86,7 +92,7 @@ def run_ablations(base: CGClipRecipeConfig, variants: dict[str, CGClipRecipeConf
         run_.log_text(table, "ablations.md")
         for row in rows:
             variant = row["variant"].split(" ")[0].replace("+", "_")
-            run_.log_metrics({f"{variant}/{COLUMNS[col]}": v for col, v in row.items() if col in COLUMNS})
+            run_.log_metrics({f"{variant}/{columns[col]}": v for col, v in row.items() if col in columns})
     tracker.close()
     print("\nCG-CLIP ablations:\n")
     print(table)

@@ -31,7 +31,11 @@ class CGClipDataConfig:
     eval_split: str = "val"
     """Split of ``shards`` the in-domain evaluation uses."""
     ood_shards: str | None = None
-    """A second shard directory for the out-of-distribution evaluation (the paper's Caltech-256); None: skip."""
+    """A second shard directory for the out-of-distribution evaluation (the paper's Caltech-256): every milestone
+    also runs ``corruption_detection`` on it, logged as ``ood/corruption_detection/...``; None: skip."""
+    ood_split: str = "train"
+    """Split of ``ood_shards`` to evaluate (a plain ``<class>/<image>`` folder such as Caltech-256 is one split,
+    "train"; nothing of it is ever trained on)."""
     image_size: int = 224
     """Side of the square input (bicubic resize; paper A.1: 224)."""
     clean_per_batch: int = 64

@@ -69,6 +69,10 @@ def mlflow_server(tmp_path):
 def test_cgclip_logs_parent_stage_and_milestone_runs_to_the_server(mlflow_server, demo_shards, tmp_path):
     from mlflow import MlflowClient
 
+    from robustfm.testing.datasets import write_demo_shards
+
+    # Another data set for the out-of-domain detection of every milestone (other photos' crops, other shapes).
+    ood_shards = write_demo_shards(tmp_path / "ood", image_size=64, n_images=12, n_val=4, seed=7)
     overrides = tiny_cgclip_overrides(
         tmp_path,
         demo_shards,
@@ -79,6 +83,7 @@ def test_cgclip_logs_parent_stage_and_milestone_runs_to_the_server(mlflow_server
             "tracking.experiment": "server-test",
             "eval.tsne": "false",
             "eval.suites": "[corruption_detection]",
+            "data.ood_shards": str(ood_shards),
         },
     )
     done = run_job(["jobs/cgclip.py", "--config", "configs/cgclip/demo.yaml", *overrides], timeout=360)
@@ -99,6 +104,18 @@ def test_cgclip_logs_parent_stage_and_milestone_runs_to_the_server(mlflow_server
     assert {"on-server-adapt/adapt", "milestone-pretrained", "milestone-adapt"} <= set(children), sorted(children)
     stage = children["on-server-adapt/adapt"]
     assert stage.data.tags["stage"] == "adapt" and "loss/total" in stage.data.metrics
+    ood_key = "ood/corruption_detection/zero_shot/set/seen/auroc"
     for milestone in ("milestone-pretrained", "milestone-adapt"):
-        assert any(k.startswith("corruption_detection/") for k in children[milestone].data.metrics), milestone
+        metrics = children[milestone].data.metrics
+        assert any(k.startswith("corruption_detection/") for k in metrics), milestone
+        assert 0.0 <= metrics[ood_key] <= 1.0, milestone
+        # the out-of-domain suite run, nested under the milestone, read the OOD shards (split "train", 12 images)
+        nested = {
+            r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == children[milestone].info.run_id
+        }
+        ood_run = nested["eval/ood/corruption_detection"]
+        assert any(str(ood_shards) in value for value in ood_run.data.params.values()), ood_run.data.params
+        assert ood_run.data.metrics["counts/scored"] == 12
     assert any(k.startswith("adapt/corruption_detection/") for k in parent.data.metrics)
+    assert f"adapt/{ood_key}" in parent.data.metrics
+    assert "ood/zero_shot/set/seen/auroc" in (tmp_path / "on-server" / "detection_table.md").read_text()
