@@ -27,6 +27,8 @@ def init_ray(cfg: RayConfig, log_to_driver: bool = True) -> None:
         logger.info("joined Ray at %s", address)
         return
     ray.init(
+        # "local": always a new embedded Ray; without it, ray.init joins a head that `ray start` left on this host.
+        address="local",
         num_cpus=cfg.num_cpus,
         include_dashboard=cfg.include_dashboard,
         dashboard_host="127.0.0.1",

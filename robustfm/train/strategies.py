@@ -319,4 +319,7 @@ def _deepspeed_safe_globals() -> list[Any]:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    # Python 3.11.0-3.11.4 pickle an enum member as getattr(ZeroStageEnum, "gradients"), later versions by value: a
+    # shard written by the first loads only with getattr allowed. The weights-only unpickler still refuses to call
+    # anything getattr returns, so this only lets attributes of the classes above be read.
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, getattr]
