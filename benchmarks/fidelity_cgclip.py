@@ -1,8 +1,9 @@
 """Fidelity of the CG-CLIP recipe: does Adapt-Isolate-Tune learn what paper 000 says it learns, and do its ablations
 rank as in its tables 1-2? Trained and measured on the embedded demo data over several seeds, with 95% CIs.
 
-    python benchmarks/fidelity_cgclip.py                 # 3 seeds, FULL budget: ~40 min on 2 busy CPU cores
-    python benchmarks/fidelity_cgclip.py --quick         # 3 seeds, half the budget: ~25 min
+    python benchmarks/fidelity_cgclip.py                 # 3 seeds, FULL budget: ~80 min on 2 busy CPU cores
+    python benchmarks/fidelity_cgclip.py --variants cgclip flyp_only no_tune no_isolate   # without joint: ~42 min
+    python benchmarks/fidelity_cgclip.py --quick         # 3 seeds, half the budget: ~30 min
     python benchmarks/fidelity_cgclip.py --seeds 0 1 2 3 4
 
 Stages already saved under ``--output-dir`` are reused (the recipe skips a finished stage on a rerun); stages trained
