@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from robustfm.config.schema import RayConfig
 
 logger = logging.getLogger("robustfm")
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for local process groups and test servers)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def init_ray(cfg: RayConfig, log_to_driver: bool = True) -> None:

@@ -164,14 +164,9 @@ def _fit_stage(
 def training_batches(cfg: CGClipRecipeConfig, shards: str, stages: list[str]) -> Any:
     """The training split minus its held-out part, each image with its corrupted copy (and GT map when needed)."""
     from robustfm.data import ShardBatchSource
-    from robustfm.data.corruption_stages import corrupt_stage, gt_map_stage_from_config
 
     # Ground-truth maps cost a VGG-16 pass per image: compute them only when the corruption loss counts.
     needs_maps = any(cfg.train.stages[s].loss_weights.get("corruption", 0.0) > 0 for s in stages)
-    corruption = cfg.data.corruption
-    data_stages = [corrupt_stage(corruption.corruption_set, corruption.severities, cfg.seed, corruption.batch_size)]
-    if needs_maps:
-        data_stages.append(gt_map_stage_from_config(cfg.data.gt_map))
     return ShardBatchSource(
         shards,
         cfg.data.train_split,
@@ -179,12 +174,23 @@ def training_batches(cfg: CGClipRecipeConfig, shards: str, stages: list[str]) ->
         cfg.data.clean_per_batch,
         train=True,
         seed=cfg.seed,
-        stages=data_stages,
+        stages=_corruption_stages(cfg, cfg.seed, needs_maps),
         crop_scale=cfg.data.crop_scale,
         endpoint_url=cfg.data.s3_endpoint_url,
         holdout_fraction=cfg.data.holdout_fraction,
         holdout_role="exclude",
     )
+
+
+def _corruption_stages(cfg: CGClipRecipeConfig, corruption_seed: int, with_maps: bool) -> list[Any]:
+    """Ray Data stages giving each image one corrupted copy drawn from ``data.corruption`` (and its GT map)."""
+    from robustfm.data.corruption_stages import corrupt_stage, gt_map_stage_from_config
+
+    corruption = cfg.data.corruption
+    stages = [corrupt_stage(corruption.corruption_set, corruption.severities, corruption_seed, corruption.batch_size)]
+    if with_maps:
+        stages.append(gt_map_stage_from_config(cfg.data.gt_map))
+    return stages
 
 
 def evaluation_batches(
@@ -201,12 +207,7 @@ def evaluation_batches(
     training corruption set with ``corruption_seed`` (and its GT map when ``with_maps``). ``heldout_only`` keeps just
     the held-out part of the split (``data.holdout_fraction``): the validation set of a sweep."""
     from robustfm.data import ShardBatchSource
-    from robustfm.data.corruption_stages import corrupt_stage, gt_map_stage_from_config
 
-    corruption = cfg.data.corruption
-    stages = [corrupt_stage(corruption.corruption_set, corruption.severities, corruption_seed, corruption.batch_size)]
-    if with_maps:
-        stages.append(gt_map_stage_from_config(cfg.data.gt_map))
     return ShardBatchSource(
         shards,
         split,
@@ -214,7 +215,7 @@ def evaluation_batches(
         batch_size,
         train=False,
         seed=cfg.seed,
-        stages=stages,
+        stages=_corruption_stages(cfg, corruption_seed, with_maps),
         endpoint_url=cfg.data.s3_endpoint_url,
         holdout_fraction=cfg.data.holdout_fraction if heldout_only else 0.0,
         holdout_role="only",

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from robustfm.runtime import free_loopback_port
 from robustfm.train.checkpoint import STATE_FILE
 from robustfm.train.config import TrainConfig
 from robustfm.train.loop import InjectedFault, train_worker
@@ -290,12 +290,6 @@ def latest_checkpoint(filesystem: Any, run_path: str) -> str | None:
     return found[-1] if found else None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_local_process_group(rank: int, world_size: int, port: int, use_gpu: bool) -> torch.device:
     """Join a local process group on 127.0.0.1 (gloo on CPU, NCCL on GPU) and return this rank's device."""
     os.environ.update(
@@ -335,8 +329,8 @@ def _local_rank(
     tracking: TrackingSpec,
     run_path: str,
     on_stage_end: Any,
+    on_epoch_end: Any,
     summary_file: str | None,
-    on_epoch_end: Any = None,
 ) -> dict[str, Any]:
     if summary_file is not None:  # a spawned process: nothing configured its logging
         _configure_worker_logging()
@@ -379,9 +373,9 @@ def run_local(
 
         filesystem, storage = fs.FileSystem.from_uri(storage)
     run_path = f"{storage.rstrip('/')}/{run_name}"
-    port = _free_port()
+    port = free_loopback_port()
     if cfg.num_workers == 1:
-        summary = _local_rank(0, 1, port, cfg, build_task, source, tracking, run_path, on_stage_end, None, on_epoch_end)
+        summary = _local_rank(0, 1, port, cfg, build_task, source, tracking, run_path, on_stage_end, on_epoch_end, None)
     else:
         import torch.multiprocessing as mp
 
@@ -399,8 +393,8 @@ def run_local(
                     tracking,
                     run_path,
                     on_stage_end,
-                    summary_file,
                     on_epoch_end,
+                    summary_file,
                 ),
             )
             summary = json.loads(Path(summary_file).read_text())

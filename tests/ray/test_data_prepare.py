@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import socket
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -15,6 +14,7 @@ from PIL import Image
 from robustfm.data.config import PrepareConfig, SourceConfig
 from robustfm.data.prepare import run
 from robustfm.data.shards import Location, load_manifest
+from robustfm.runtime import free_loopback_port
 from robustfm.testing.datasets import make_coco_tree, make_image_folder, make_imagenet_tree
 
 pytestmark = pytest.mark.ray
@@ -112,18 +112,12 @@ def test_interrupted_run_resumes_and_never_rewrites_finished_shards(ray_session,
     assert load_manifest(Location(str(tmp_path / "out")))["splits"]["train"]["count"] == tree.total("train")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def s3_server(monkeypatch):
     """moto's S3 on loopback, with dummy credentials set for this test only."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_loopback_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,15 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from robustfm.runtime import free_loopback_port
 from tests.recipes.conftest import REPO, run_job, tiny_cgclip_overrides
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +32,7 @@ def ray_head(tmp_path_factory):
     token = subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, text=True, timeout=60)
     assert token.returncode == 0, token.stderr
     assert (home / ".ray" / "auth_token").is_file()
-    dashboard = free_port()
+    dashboard = free_loopback_port()
     # A temp dir of its own: `ray start` records its address there, and a plain ray.init() elsewhere in the test
     # session must not find (and try to join) this head.
     temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
@@ -50,7 +44,7 @@ def ray_head(tmp_path_factory):
             "--block",
             "--node-ip-address",
             "127.0.0.1",
-            f"--port={free_port()}",
+            f"--port={free_loopback_port()}",
             "--dashboard-host",
             "127.0.0.1",
             f"--dashboard-port={dashboard}",
@@ -62,11 +56,11 @@ def ray_head(tmp_path_factory):
             f"--temp-dir={temp_dir}",
             # Ports of their own: the test session's Ray already holds the defaults (its dashboard agent on 52365),
             # and a head whose job agent cannot bind answers every submission with "No available agent".
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_loopback_port()}",
+            f"--dashboard-agent-grpc-port={free_loopback_port()}",
+            f"--runtime-env-agent-port={free_loopback_port()}",
+            f"--metrics-export-port={free_loopback_port()}",
+            f"--ray-client-server-port={free_loopback_port()}",
         ],
         env=env,
         stdout=subprocess.DEVNULL,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,19 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from robustfm.runtime import free_loopback_port
 from tests.recipes.conftest import REPO, run_job, tiny_cgclip_overrides
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
 def mlflow_server(tmp_path):
     """infra/mlflow-local.sh on 127.0.0.1:<free port>, stopped (its whole process group) after the test."""
-    port = _free_port()
+    port = free_loopback_port()
     # The `mlflow` entry point of the environment under test, whether or not that environment is activated.
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1", "PATH": f"{bin_dir}:{os.environ['PATH']}"}

@@ -15,15 +15,10 @@ from pathlib import Path
 import pytest
 
 from robustfm.config import TrackingConfig
+from robustfm.runtime import free_loopback_port
 from robustfm.tracking import MlflowTracker, create_tracker
 
 N_CALLS = 200
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def unreachable_warnings(caplog) -> list[logging.LogRecord]:
@@ -74,7 +69,7 @@ def runs_by_name(uri: str, experiment: str) -> dict:
 
 @pytest.mark.timeout(120)
 def test_unreachable_server_never_blocks_and_everything_lands_in_the_fallback_store(tmp_path, caplog):
-    uri = f"http://user:pw-SHOULD-NOT-LEAK@127.0.0.1:{free_port()}"
+    uri = f"http://user:pw-SHOULD-NOT-LEAK@127.0.0.1:{free_loopback_port()}"
     cfg = TrackingConfig(uri=uri, experiment="offline", fallback_dir=str(tmp_path / "fallback"))
     tracker = create_tracker(cfg)
     with caplog.at_level(logging.INFO):
@@ -137,7 +132,7 @@ def test_server_that_accepts_but_never_answers(tmp_path, caplog, monkeypatch):
 @pytest.mark.slow  # starting `mlflow server` takes 5-10 s on an idle 2-core machine
 @pytest.mark.timeout(300)
 def test_buffered_logs_are_flushed_when_the_server_comes_back(tmp_path, caplog):
-    port = free_port()
+    port = free_loopback_port()
     uri = f"http://127.0.0.1:{port}"
     cfg = TrackingConfig(uri=uri, experiment="comeback", fallback_dir=str(tmp_path / "fallback"))
     tracker = create_tracker(cfg)

@@ -19,10 +19,10 @@ import torch
 import torch.multiprocessing as mp
 
 from robustfm.config import load_config
+from robustfm.runtime import free_loopback_port
 from robustfm.train import TrainConfig
 from robustfm.train.launchers import (
     LocalWorkerContext,
-    _free_port,
     destroy_local_process_group,
     init_local_process_group,
 )
@@ -88,10 +88,10 @@ def _run_cases(rank: int, world_size: int, port: int, root: str) -> None:
 @pytest.fixture(scope="module")
 def trajectories(tmp_path_factory) -> dict[str, list[float]]:
     root = tmp_path_factory.mktemp("equivalence")
-    mp.spawn(_run_cases, args=(WORLD, _free_port(), str(root)), nprocs=WORLD)
+    mp.spawn(_run_cases, args=(WORLD, free_loopback_port(), str(root)), nprocs=WORLD)
     found = json.loads((root / "losses.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:  # the 1-process reference, in this process
-        init_local_process_group(0, 1, _free_port(), use_gpu=False)
+        init_local_process_group(0, 1, free_loopback_port(), use_gpu=False)
         try:
             context = LocalWorkerContext(0, 1, CPU, f"{tmp}/single", None, keep=1, progress="none")
             found["single"] = _losses(train_worker(CASES["ddp"][0], build_tiny_task, SOURCE, context, TrackingSpec()))
