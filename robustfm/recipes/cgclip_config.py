@@ -148,17 +148,29 @@ class CGClipRecipeConfig:
 
 
 def check_paths(cfg: CGClipRecipeConfig) -> list[str]:
-    """Local paths the run needs that do not exist, as ``field: message`` lines (S3 paths are checked by the run)."""
+    """Local paths the run needs that do not exist, and splits their manifests lack, as ``field: message`` lines
+    (S3 paths are checked by the run)."""
+    import json
     from pathlib import Path
 
+    data = cfg.data
     problems = []
-    for field_name, path in (("data.shards", cfg.data.shards), ("data.ood_shards", cfg.data.ood_shards)):
+    for field_name, path, split_fields in (
+        ("data.shards", data.shards, {"data.train_split": data.train_split, "data.eval_split": data.eval_split}),
+        ("data.ood_shards", data.ood_shards, {"data.ood_split": data.ood_split}),
+    ):
         if path is None or path.startswith("s3://"):
             continue
-        if not (Path(path) / "manifest.json").is_file():
+        manifest = Path(path) / "manifest.json"
+        if not manifest.is_file():
             problems.append(
                 f"{field_name}: no shards at {path!r} (expected {path}/manifest.json, written by jobs/prepare_data.py)"
             )
+            continue
+        splits = sorted(json.loads(manifest.read_text()).get("splits", {}))
+        for split_field, split in split_fields.items():
+            if split not in splits:
+                problems.append(f"{split_field}: no split {split!r} in {path} (its splits: {', '.join(splits)})")
     for field_name, path in (
         ("model.pretrained", cfg.model.pretrained),
         ("data.gt_map.weights", cfg.data.gt_map.weights),

@@ -24,3 +24,21 @@ def test_bad_config_fails_before_ray_starts(override, message):
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr
     assert "Started a local Ray instance" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.eval_split=test", "data.eval_split: no split 'test'"),
+        ("data.ood_split=val2017", "data.ood_split: no split 'val2017'"),
+    ],
+)
+def test_a_split_the_shards_lack_fails_before_ray_starts(demo_shards, override, message):
+    done = run_job(
+        ["jobs/cgclip.py", "--config", "configs/cgclip/demo.yaml", f"data.shards={demo_shards}",
+         f"data.ood_shards={demo_shards}", override],
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert message in done.stderr and "its splits: train, val" in done.stderr
+    assert "Started a local Ray instance" not in done.stdout + done.stderr
