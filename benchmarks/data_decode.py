@@ -30,8 +30,8 @@ def build_shards(root: Path, n_images: int, source_size: int) -> Path:
     import skimage.data
 
     from robustfm.data.config import PrepareConfig, SourceConfig
+    from robustfm.data.demo_images import PHOTOS, generated_image
     from robustfm.data.prepare import run
-    from robustfm.testing.datasets import PHOTOS, generated_image
 
     rng = np.random.default_rng(0)
     photos = {name: getattr(skimage.data, name)() for name in PHOTOS}

@@ -85,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     for actors in counts:
         cfg = EvalConfig(seed=0)
         for path, value in {
-            f"{args.suite}.data.synthetic_samples": args.samples,
+            f"suites.{args.suite}.data.synthetic_samples": args.samples,
             "pool.min_actors": actors, "pool.max_actors": actors, "pool.num_cpus": 1.0, "pool.threads": 1,
             "pool.batch_size": args.batch_size,
         }.items():  # fmt: skip
             cfg = replace_path(cfg, path, value)
         if args.suite == "embedding_robustness":
-            cfg = replace_path(cfg, "embedding_robustness.steps", 5)
+            cfg = replace_path(cfg, "suites.embedding_robustness.steps", 5)
         configs[actors] = cfg
     # Interleaved repeats, best of each: a shared machine's load changes over minutes, and the best run is the one
     # least disturbed by it (the same rule for every actor count).

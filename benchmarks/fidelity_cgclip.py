@@ -134,14 +134,14 @@ def base_overrides(out: Path, shards: str, vgg: Path, budget: Budget, seed: int)
         "train.stages.joint.lr": everything,
         "eval.suites": "[corruption_detection]",
         "eval.tsne": "false",
-        "eval.suite_config.seed": str(seed),
-        "eval.suite_config.corruption_detection.data.max_samples": "null",
+        "eval.settings.seed": str(seed),
+        "eval.settings.suites.corruption_detection.data.max_samples": "null",
         # The zero-shot detector must ask with the prompts the model was trained on (method.clean_prompts /
         # corrupt_prompts): the suite's default ensembles ("a sharp, undistorted photo", ...) mean nothing to a
         # random-init text tower, and their orientation flipped the zero-shot AUROC of one seed to 0.29.
-        "eval.suite_config.corruption_detection.clean_prompts": "[a clean photograph]",
-        "eval.suite_config.corruption_detection.corrupt_prompts": "[a corrupt photograph]",
-        "eval.suite_config.corruption_detection.corruptions": f"[{','.join(SEEN_EVAL + UNSEEN_EVAL)}]",
+        "eval.settings.suites.corruption_detection.clean_prompts": "[a clean photograph]",
+        "eval.settings.suites.corruption_detection.corrupt_prompts": "[a corrupt photograph]",
+        "eval.settings.suites.corruption_detection.corruptions": f"[{','.join(SEEN_EVAL + UNSEEN_EVAL)}]",
         "export.wise_ft_alphas": "[]",
     }
     return [f"{k}={v}" for k, v in values.items()]
@@ -163,14 +163,14 @@ def heldout_batch(cfg: Any, shards: str) -> dict[str, Any]:
     """Every held-out image, clean, corrupted with a seen corruption (per-image draw) and its ground-truth map."""
     from robustfm.recipes.cgclip import first_evaluation_batch
 
-    return first_evaluation_batch(cfg, shards, cfg.data.eval_split, cfg.seed + 7919, with_maps=True)
+    data = dataclasses.replace(cfg.data, shards=shards)
+    return first_evaluation_batch(data, cfg.data.eval_split, cfg.seed + 7919, seed=cfg.seed, with_maps=True)
 
 
 def load_task(cfg: Any, weights: Path) -> Any:
-    from robustfm.recipes.cgclip import CGClipTaskBuilder
+    from robustfm.recipes.kit import TaskBuilder
 
-    task = CGClipTaskBuilder(cfg.model, cfg.method, str(weights))()
-    return task.eval()
+    return TaskBuilder("cgclip", cfg.model, cfg.method, str(weights))().eval()
 
 
 def embeddings(task: Any, images: Any) -> np.ndarray:
@@ -261,13 +261,9 @@ def run_seed(seed: int, args: argparse.Namespace, shards: str, vgg: Path, budget
 
 def initial_task(cfg: Any) -> Any:
     """The random-init model the recipe's training starts from (the engine seeds torch with the run seed)."""
-    import torch
+    from robustfm.recipes.kit import TaskBuilder
 
-    from robustfm.recipes.cgclip import CGClipTaskBuilder
-
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)
-        return CGClipTaskBuilder(cfg.model, cfg.method)().eval()
+    return TaskBuilder("cgclip", cfg.model, cfg.method).initial(cfg.seed).eval()
 
 
 def _fmt_row(row: dict[str, float]) -> str:
@@ -370,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from safetensors.torch import save_file
 
-    from robustfm.testing.datasets import write_demo_shards
-    from robustfm.testing.hed_vgg import load_hed_vgg16_state_dict
+    from robustfm.data.demo import write_demo_shards
+    from robustfm.gtmaps.hed import load_hed_vgg16_state_dict
 
     started = time.perf_counter()
     # address="local": always a private embedded Ray, never a cluster some other process started on this host.

@@ -6,13 +6,12 @@ ray job submit --working-dir . -- python jobs/cgclip.py --config configs/cgclip/
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 from robustfm.config.cli import job_argument_parser, resolve_job_config
 from robustfm.recipes.cgclip_config import CGClipRecipeConfig, check_paths
-from robustfm.runtime import init_ray
+from robustfm.runtime import configure_job_logging, init_ray
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cgclip" / "demo.yaml"
 
@@ -24,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("config error: " + "\n  ".join(problems), file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_job_logging(Path(cfg.output_dir) / cfg.name, verbose=args.verbose)
     init_ray(cfg.ray)
     from robustfm.recipes.cgclip import run
 

@@ -9,13 +9,12 @@ Variants that share a prefix of the curriculum share its training (same output f
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 from robustfm.config.cli import job_argument_parser, resolve_job_config
 from robustfm.recipes.cgclip_config import CGClipRecipeConfig, check_paths
-from robustfm.runtime import init_ray
+from robustfm.runtime import configure_job_logging, init_ray
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "cgclip" / "ablations"
 
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("config error: " + "\n  ".join(problems), file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_job_logging(Path(base.output_dir) / base.name, verbose=args.verbose)
     init_ray(base.ray)
     from robustfm.recipes.cgclip_ablations import run_ablations
 

@@ -2,7 +2,8 @@
 
     python jobs/evaluate.py --suite all --model open_clip/tiny-vit eval.pool.max_actors=2
     python jobs/evaluate.py --suite corruption_detection zero_shot --model outputs/cgclip/export/model.safetensors \
-        --compare-with open_clip/ViT-B-32@openai eval.zero_shot.data.shards=data/imagenet eval.zero_shot.data.split=val
+        --compare-with open_clip/ViT-B-32@openai \
+        eval.suites.zero_shot.data.shards=data/imagenet eval.suites.zero_shot.data.split=val
 
 --model / --compare-with: ``family/arch`` (random init), ``family/arch@tag`` (pretrained tag), ``family/arch@PATH``
 (local weights), or a ``.safetensors`` file / checkpoint directory whose architecture is in its metadata or resolved
@@ -31,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args.suite = [item for item in args.suite if "=" not in item]
     cfg = resolve_job_config(EvaluateJobConfig, args)
 
-    from robustfm.evals.job import evaluate
     from robustfm.evals.model_ref import ModelRefError
+    from robustfm.recipes.evaluate import evaluate
     from robustfm.registry import UnknownNameError
 
     try:

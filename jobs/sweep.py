@@ -8,23 +8,23 @@ Rerunning the same command after an interruption resumes the sweep.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from robustfm.config import ConfigError
 from robustfm.registry import UnknownNameError
-from robustfm.runtime import init_ray
+from robustfm.runtime import configure_job_logging, init_ray
 from robustfm.sweeps.tune import plan_sweep
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, help="a sweepable recipe (cgclip)")
+    parser.add_argument("--recipe", required=True, help="a sweepable recipe (cgclip, perturb_ft)")
     parser.add_argument("--space", required=True, help="search-space file (tune_spaces/*.yaml)")
     parser.add_argument("--name", default=None, help="sweep name (default: the space file's name); same name resumes")
     parser.add_argument(
         "--init-weights", default=None, help="task weights every trial starts from (space: init_weights)"
     )
+    parser.add_argument("--verbose", action="store_true", help="also print Ray and library logs (default: a log file)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides of the recipe's base config")
     args = parser.parse_args(argv)
     try:  # every check happens here, before Ray starts
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UnknownNameError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_job_logging(plan.experiment_dir, verbose=args.verbose)
     init_ray(plan.base.ray)
     from robustfm.sweeps.tune import run_sweep
 

@@ -14,12 +14,19 @@ Example::
 
     CORRUPTIONS.register_lazy("fog", "robustfm.corruptions.weather:fog")
     CORRUPTIONS.get("gausian_noise")  # KeyError: unknown corruption 'gausian_noise'; did you mean 'gaussian_noise'?
+
+A registry can also *discover* its entries: ``Registry("evaluation suite", discover="robustfm.evals.suites")``
+imports every module of that package (or those matching ``discover_pattern``, e.g. ``"*_config"``) the first time a
+name is looked up or listed, and each module registers itself. Adding a component is then adding one file: nothing
+else lists it. Discovered modules must be light at import time (no torch, ray or model building).
 """
 
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import importlib
+import pkgutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -66,11 +73,26 @@ class Registry(Generic[T]):
 
     Args:
         family: what the entries are, used in error messages ("corruption", "model", ...).
+        discover: a package whose modules register entries of this registry when imported; they are imported on the
+            first lookup or listing (None: entries are registered explicitly).
+        discover_pattern: which modules of ``discover`` to import (``fnmatch`` on the module name).
     """
 
-    def __init__(self, family: str) -> None:
+    def __init__(self, family: str, discover: str | None = None, discover_pattern: str = "*") -> None:
         self.family = family
         self._entries: dict[str, _Entry] = {}
+        self._discover = discover
+        self._discover_pattern = discover_pattern
+        self._discovered = discover is None
+
+    def _ensure_discovered(self) -> None:
+        if self._discovered:
+            return
+        self._discovered = True  # set first: a discovered module may look names up while it registers
+        package = importlib.import_module(self._discover)
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+            if not info.name.startswith("_") and fnmatch.fnmatch(info.name, self._discover_pattern):
+                importlib.import_module(f"{self._discover}.{info.name}")
 
     def register(self, name: str, obj: T | None = None, **meta: Any) -> Any:
         """Register ``obj`` under ``name``; without ``obj``, return a decorator.
@@ -104,6 +126,11 @@ class Registry(Generic[T]):
             entry.meta = existing.meta
         self._entries[name] = entry
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (e.g. a component a test registered for its own duration)."""
+        self._lookup(name)
+        del self._entries[name]
+
     def get(self, name: str) -> T:
         """Return the implementation registered as ``name``, importing it if it is lazy."""
         entry = self._lookup(name)
@@ -118,6 +145,7 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         """All registered names, sorted."""
+        self._ensure_discovered()
         return sorted(self._entries)
 
     def check(self, name: str) -> str:
@@ -126,6 +154,7 @@ class Registry(Generic[T]):
         return name
 
     def _lookup(self, name: str) -> _Entry:
+        self._ensure_discovered()
         try:
             return self._entries[name]
         except KeyError:
@@ -135,12 +164,14 @@ class Registry(Generic[T]):
             ) from None
 
     def __contains__(self, name: object) -> bool:
+        self._ensure_discovered()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
+        self._ensure_discovered()
         return len(self._entries)
 
     def __repr__(self) -> str:

@@ -1,10 +1,12 @@
-"""Starting or joining Ray the same way in every job."""
+"""Starting or joining Ray, and the console of a job, the same way in every job."""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import warnings
+from pathlib import Path
 
 from robustfm.config.schema import RayConfig
 
@@ -44,3 +46,66 @@ def init_ray(cfg: RayConfig, log_to_driver: bool = True) -> None:
         _node_ip_address="127.0.0.1",
     )
     logger.info("started an embedded Ray with %s CPUs", cfg.num_cpus or os.cpu_count())
+
+
+class _OwnRecords(logging.Filter):
+    """The console shows robustfm's own records, and anyone's errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("robustfm") or record.levelno >= logging.ERROR
+
+
+def configure_job_logging(output_dir: str | Path, verbose: bool = False) -> Path:
+    """A quiet console: a job prints its own progress and summary; everything else goes to a log file.
+
+    The console gets ``robustfm`` records at INFO and anyone's errors; ``<output_dir>/logs/job.log`` gets every
+    record at INFO, Python warnings (each once per place) and Ray Data's executor lines, which otherwise fill the
+    console with hundreds of progress and resource lines. ``verbose`` puts everything on the console too.
+    Call it before Ray starts (Ray Data reads its logging config when it is first imported, also in Ray workers,
+    which inherit the environment of an embedded Ray). Returns the log file.
+    """
+    log_dir = Path(output_dir).expanduser().resolve() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = log_dir / "job.log"
+    fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    to_file = logging.FileHandler(log_file)
+    to_file.setFormatter(fmt)
+    to_console = logging.StreamHandler()
+    to_console.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    if not verbose:
+        to_console.addFilter(_OwnRecords())
+    root.addHandler(to_file)
+    root.addHandler(to_console)
+    logging.captureWarnings(True)  # warnings become records of "py.warnings": to the file, not the console
+    warnings.simplefilter("default")
+    if not verbose and "RAY_DATA_LOGGING_CONFIG" not in os.environ:
+        os.environ["RAY_DATA_LOGGING_CONFIG"] = str(_quiet_ray_data_config(log_dir))
+    logger.info("logs of this job (Ray, Ray Data, warnings): %s", log_file)
+    return log_file
+
+
+def _quiet_ray_data_config(log_dir: Path) -> Path:
+    """Ray Data's own logging config with its console handler raised to WARNING (its file log is unchanged)."""
+    import yaml
+
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"ray": {"format": "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"}},
+        "handlers": {
+            "file": {
+                "class": "ray.data._internal.logging.SessionFileHandler",
+                "formatter": "ray",
+                "filename": "ray-data.log",
+            },
+            "console": {"class": "ray._private.log.PlainRayHandler", "formatter": "ray", "level": "WARNING"},
+        },
+        "loggers": {"ray.data": {"level": "DEBUG", "handlers": ["file", "console"], "propagate": False}},
+    }
+    path = log_dir / "ray_data_logging.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -19,6 +19,9 @@ def job_argument_parser(description: str, default_config: str | Path | None = No
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=str(default_config) if default_config else None, help="YAML config file")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--verbose", action="store_true", help="also print Ray, Ray Data and library logs (default: the log file)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, applied last")
     return parser
 

@@ -5,7 +5,8 @@ type annotations while the config is built, and each schema's ``__post_init__`` 
 :func:`check`, so that every error names the full dotted field and the bad value, before anything touches Ray.
 
 Supported annotations: ``int``, ``float``, ``str``, ``bool``, ``X | None``, ``Literal[...]``, ``tuple[X, ...]``
-(YAML lists become tuples), ``dict[str, X]`` (an immutable, ordered :class:`FrozenDict`) and nested dataclasses.
+(YAML lists become tuples), ``dict[str, X]`` (an immutable, ordered :class:`FrozenDict`), nested dataclasses, and
+:class:`RegistrySections` subclasses (name -> section, each name's schema registered with the component it configures).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, ClassVar, Literal, TypeVar, Union
 
 import yaml
 
-from robustfm.registry import did_you_mean
+from robustfm.registry import Registry, did_you_mean, import_target
 
 T = TypeVar("T")
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -66,6 +67,47 @@ class FrozenDict(dict):
 
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(tuple(self.items()))
+
+
+class RegistrySections(FrozenDict):
+    """Config sections keyed by the names of a registry, each with the schema its entry registered (meta ``config``:
+    a dataclass or a lazy ``"module:Class"``), so that a new component brings its own config and no central schema
+    lists it. Every registered name gets a section: its default unless the config gives one.
+
+    Subclasses set :attr:`registry`. Example: ``EvalConfig.suites`` (``eval.suites.zero_shot.data.max_samples=12``).
+    """
+
+    registry: ClassVar[Registry]
+
+    @classmethod
+    def schema_for(cls, name: str, path: str) -> type:
+        """The config schema registered for ``name``; an unknown name fails naming the dotted field."""
+        if name not in cls.registry:
+            hint = did_you_mean(name, cls.registry.names())
+            raise ConfigError(
+                f"{path}.{name}",
+                f"unknown {cls.registry.family} {name!r}{hint} (registered: {', '.join(cls.registry.names())})",
+            )
+        schema = cls.registry.meta(name)["config"]
+        return import_target(schema) if isinstance(schema, str) else schema
+
+    @classmethod
+    def build(cls, value: Mapping[str, Any] | None = None, path: str = "") -> RegistrySections:
+        """Every registered name -> its section: ``value[name]`` (plain data or a built section) or the default."""
+        value = {} if value is None else value
+        if not isinstance(value, Mapping):
+            raise ConfigError(path, f"expected a mapping of {cls.registry.family} names to settings, got {value!r}")
+        sections = {}
+        for name in cls.registry.names():
+            schema = cls.schema_for(name, path)
+            given = value.get(name)
+            sections[name] = given if isinstance(given, schema) else from_dict(schema, given, f"{path}.{name}")
+        for name in value:
+            cls.schema_for(str(name), path)  # unknown names raise with a suggestion
+        return cls(sections)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (dict(self),))
 
 
 # --- building a dataclass from plain data -------------------------------------------------------------------------
@@ -120,6 +162,8 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
         if isinstance(value, annotation):
             return value
         return from_dict(annotation, value, path)
+    if isinstance(annotation, type) and issubclass(annotation, RegistrySections):
+        return annotation.build(value, path)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(path, f"expected a list, got {value!r}")

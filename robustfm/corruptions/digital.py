@@ -5,19 +5,22 @@ saturate; here the same results come straight from RGB: with hue and saturation 
 function of them, so changing V scales all channels by ``V'/V`` and changing S moves every channel towards V by
 ``S'/S``. Grey pixels (S = 0) have hue 0 in scikit-image, so raising their saturation tints them red, as there.
 
-pixelate resizes with Pillow's BOX and NEAREST filters written as small weight matrices and index maps; the
-reference rounds the BOX result to uint8, here it stays float (at most half a grey level apart). jpeg_compression
-runs libjpeg through torchvision (encode/decode on CPU per image; uint8 in, uint8 out), like the reference's PIL.
+pixelate resizes with Pillow's BOX and NEAREST filters written as row boxes, a banded column matrix and a row index
+map; the reference rounds the BOX result to uint8, here it stays float (at most half a grey level apart).
+jpeg_compression runs the reference's own codec, Pillow (encode/decode on CPU per image; uint8 in, uint8 out).
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, JpegImagePlugin  # noqa: F401  (registers JPEG without Pillow scanning all its plugins)
 from torch import Tensor
 
 from robustfm.corruptions.base import register_corruption, uniform
@@ -106,29 +109,102 @@ def nearest_resize_index(in_size: int, out_size: int) -> np.ndarray:
     return np.array(index, dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class _PixelatePlan:
+    """Precomputed index maps and matrices of one (size, factor, dtype, device) for :func:`pixelate`."""
+
+    small_h: int
+    boxes: int  # small_h, plus one when some input row is in no box
+    row_box: Tensor | None  # (H,) the BOX (downsampled row) of each input row; small_h for a row in none
+    rows: Tensor  # (small_h, H) BOX weights along H, used when some input row is in two boxes (row_box None)
+    row_scale: Tensor  # (small_h, 1): 1 / rows in each box
+    columns_t: Tensor  # (W, W): BOX down then NEAREST up along W, transposed for ``rows @ columns_t``
+    column_blocks: tuple[tuple[int, int, int, int], ...]  # (first, last, lo, hi): outputs [first, last) read [lo, hi)
+    row_index: Tensor  # (H,) NEAREST source row of each output row
+
+
+_PIXELATE_BLOCK = 32  # output columns per product: each depends on a few input columns only
+
+
+@lru_cache(maxsize=32)
+def _pixelate_plan(h: int, w: int, factor: float, dtype: torch.dtype, device: torch.device) -> _PixelatePlan:
+    small_h, small_w = max(int(h * factor), 1), max(int(w * factor), 1)
+    rows = box_resize_matrix(h, small_h)
+    inside = rows > 0
+    # Pillow's BOX puts each input row in one box, or (float rounding at a box edge) rarely in none or two.
+    row_box = None
+    if (inside.sum(axis=0) <= 1).all():
+        row_box = torch.from_numpy(np.where(inside.any(axis=0), np.argmax(inside, axis=0), small_h)).to(device)
+    columns = box_resize_matrix(w, small_w)[nearest_resize_index(small_w, w)]  # (W out, W in)
+    blocks = []
+    for first in range(0, w, _PIXELATE_BLOCK):
+        last = min(w, first + _PIXELATE_BLOCK)
+        used = np.flatnonzero(columns[first:last].any(axis=0))
+        blocks.append((first, last, int(used[0]), int(used[-1]) + 1))
+    return _PixelatePlan(
+        small_h=small_h,
+        boxes=small_h + int(not inside.any(axis=0).all()),
+        row_box=row_box,
+        rows=torch.from_numpy(rows).to(device, dtype),
+        row_scale=torch.from_numpy(1.0 / inside.sum(axis=1)).view(-1, 1).to(device, dtype),
+        columns_t=torch.from_numpy(np.ascontiguousarray(columns.T)).to(device, dtype),
+        column_blocks=tuple(blocks),
+        row_index=torch.from_numpy(nearest_resize_index(small_h, h)).to(device),
+    )
+
+
 @register_corruption("pixelate", PIXELATE_FACTOR, kind="digital")
 def pixelate(images: Tensor, severity: int, draws: Mapping[str, Tensor]) -> Tensor:
-    """Box-downsample by the severity's factor, then nearest-upsample back."""
-    factor = PIXELATE_FACTOR[severity - 1]
-    h, w = images.shape[-2:]
-    small_h, small_w = max(int(h * factor), 1), max(int(w * factor), 1)
-    ay = torch.as_tensor(box_resize_matrix(h, small_h), dtype=images.dtype, device=images.device)
-    ax = torch.as_tensor(box_resize_matrix(w, small_w), dtype=images.dtype, device=images.device)
-    small = ay @ images @ ax.T
-    iy = torch.from_numpy(nearest_resize_index(small_h, h)).to(images.device)
-    ix = torch.from_numpy(nearest_resize_index(small_w, w)).to(images.device)
-    return small.index_select(-2, iy).index_select(-1, ix).clamp(0, 1)
+    """Box-downsample by the severity's factor, then nearest-upsample back.
+
+    Rows: each input row is added into its box (``index_add_``, one pass over the image) and the sums scaled to
+    means. Columns: BOX down and NEAREST up are one (W, W) matrix, applied block by block over its band (each output
+    column reads 2-4 input columns). Last, the downsampled rows are gathered into the output rows.
+    """
+    n, c, h, w = images.shape
+    plan = _pixelate_plan(h, w, PIXELATE_FACTOR[severity - 1], images.dtype, images.device)
+    flat = images.reshape(n * c, h, w)
+    if plan.row_box is None:
+        rows = torch.matmul(plan.rows, flat)
+    else:
+        # An extra box, when needed, collects the rows that belong to none.
+        rows = images.new_zeros((n * c, plan.boxes, w)).index_add_(1, plan.row_box, flat)[:, : plan.small_h]
+        rows.mul_(plan.row_scale)
+    small = rows.new_empty((n * c, plan.small_h, w))
+    for first, last, lo, hi in plan.column_blocks:
+        torch.matmul(rows[..., lo:hi], plan.columns_t[lo:hi, first:last], out=small[..., first:last])
+    return small.clamp_(0, 1).index_select(1, plan.row_index).view(n, c, h, w)
 
 
 @register_corruption("jpeg_compression", JPEG_QUALITY, kind="digital")
 def jpeg_compression(images: Tensor, severity: int, draws: Mapping[str, Tensor]) -> Tensor:
-    """Encode and decode as JPEG at quality 25..7 (libjpeg, 4:2:0 chroma), on CPU."""
-    from torchvision.io import decode_jpeg, encode_jpeg
+    """Encode and decode as JPEG at quality 25..7 with Pillow (libjpeg, 4:2:0 chroma), image by image on the CPU.
 
+    Pillow is the reference's own codec, so the output matches it bit for bit. Each image goes from its float planes
+    to uint8 planes and back within the cache, and is decoded straight by the codec (``Image.frombytes``), skipping
+    ``Image.open``'s Python marker parsing and chunked reads. torchvision's codec is no faster per image, and
+    importing ``torchvision.io`` imports all of torchvision, torch._dynamo included: seconds on the first call in
+    every worker process.
+    """
     quality = JPEG_QUALITY[severity - 1]
-    as_bytes = images.detach().cpu().mul(255).round_().clamp_(0, 255).to(torch.uint8)
-    decoded = torch.stack(decode_jpeg(encode_jpeg(list(as_bytes), quality=quality)))
-    return decoded.to(device=images.device, dtype=images.dtype).div_(255)
+    n, c, h, w = images.shape
+    source = images.detach().to(device="cpu", dtype=torch.float32).numpy()
+    out = torch.empty((n, c, h, w), dtype=torch.float32)
+    result = out.numpy()
+    scaled = np.empty((c, h, w), dtype=np.float32)
+    levels = np.empty((c, h, w), dtype=np.uint8)
+    for i in range(n):
+        np.multiply(source[i], 255, out=scaled)
+        np.clip(scaled, 0, 255, out=scaled)
+        np.add(scaled, 0.5, out=levels, casting="unsafe")  # truncating cast: rounds half up
+        planes = [Image.frombuffer("L", (w, h), plane, "raw", "L", 0, 1) for plane in levels]
+        buffer = io.BytesIO()
+        Image.merge("RGB", planes).save(buffer, format="JPEG", quality=quality)
+        decoded = Image.frombytes("RGB", (w, h), buffer.getvalue(), "jpeg", "RGB", "")
+        for channel, band in enumerate("RGB"):
+            plane = np.frombuffer(decoded.tobytes("raw", band), dtype=np.uint8).reshape(h, w)
+            np.divide(plane, np.float32(255), out=result[i, channel])
+    return out.to(device=images.device, dtype=images.dtype)
 
 
 def _draw_elastic(image: Tensor, severity: int, generator: torch.Generator) -> dict[str, Tensor]:

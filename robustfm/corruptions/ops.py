@@ -46,8 +46,15 @@ def boundary_index(size: int, before: int, after: int, mode: str) -> np.ndarray:
 
 
 def pad2d(images: Tensor, pad_y: tuple[int, int], pad_x: tuple[int, int], mode: str) -> Tensor:
-    """Pad the last two dims by index gathering; unlike ``F.pad`` this allows pads wider than the image."""
+    """Pad the last two dims under ``mode``; unlike ``F.pad`` this allows mirror pads wider than the image.
+
+    ``F.pad``'s own replicate/reflect kernels are used where they apply (several times faster than the two index
+    gathers, which handle the rest: scipy's "reflect", over-wide mirrors, bool tensors).
+    """
     h, w = images.shape[-2:]
+    if images.dim() in (3, 4) and images.dtype != torch.bool:
+        if mode == "nearest" or (mode == "mirror" and max(pad_y) < h and max(pad_x) < w):
+            return F.pad(images, (*pad_x, *pad_y), mode="replicate" if mode == "nearest" else "reflect")
     iy = torch.from_numpy(boundary_index(h, *pad_y, mode)).to(images.device)
     ix = torch.from_numpy(boundary_index(w, *pad_x, mode)).to(images.device)
     return images.index_select(-2, iy).index_select(-1, ix)
@@ -74,17 +81,47 @@ def _band_matrix(size: int, kernel: tuple[float, ...], mode: str) -> Tensor:
     return torch.from_numpy(matrix)
 
 
+_BAND_BLOCK = 32  # output rows (columns) per product in correlate_separable: the band and a block fit in cache
+
+
+@lru_cache(maxsize=64)
+def _band_blocks(size: int, radius: int) -> tuple[tuple[int, int, int, int], ...]:
+    """(first, last, lo, hi): outputs [first, last) of a band matrix of ``radius`` read inputs [lo, hi) only."""
+    if 2 * radius + _BAND_BLOCK >= size // 2:  # the band is most of the matrix: one dense product
+        return ((0, size, 0, size),)
+    starts = range(0, size, _BAND_BLOCK)
+    return tuple(
+        (first, min(size, first + _BAND_BLOCK), max(0, first - radius), min(size, first + _BAND_BLOCK + radius))
+        for first in starts
+    )
+
+
 def correlate_separable(images: Tensor, kernel_y: np.ndarray, kernel_x: np.ndarray, mode: str) -> Tensor:
     """Correlate every channel with ``kernel_y`` along H then ``kernel_x`` along W (odd lengths, centred).
 
-    Each pass is one matrix product with a banded (H, H) or (W, W) matrix that also holds the boundary rule: on CPU a
-    BLAS product beats a direct single-channel convolution with long 1-D kernels by far (and, measured, blocked
-    products over the band only, whose windows need a copy), and the boundary needs no padding copy.
+    Each pass multiplies by a banded (H, H) or (W, W) matrix that also holds the boundary rule: on CPU a BLAS product
+    beats a direct single-channel convolution with long 1-D kernels by far, and the boundary needs no padding copy.
+    On CPU the product runs block by block over the band (32 outputs from 32 + 2 radius inputs), not over the zeros
+    around it: 2-4 times less work for the usual sigmas, with the same sums (the skipped terms are exact zeros).
     """
     h, w = images.shape[-2:]
     my = _band_matrix(h, tuple(float(v) for v in kernel_y), mode).to(images.device, images.dtype)
     mx = _band_matrix(w, tuple(float(v) for v in kernel_x), mode).to(images.device, images.dtype)
-    return torch.matmul(torch.matmul(my, images), mx.T)
+    if images.device.type != "cpu":  # a GPU does the zeros for free; fewer launches matter more there
+        return torch.matmul(torch.matmul(my, images), mx.T)
+    blocks_y, blocks_x = _band_blocks(h, len(kernel_y) // 2), _band_blocks(w, len(kernel_x) // 2)
+    if len(blocks_y) == 1:
+        rows = torch.matmul(my, images)
+    else:
+        rows = torch.empty(images.shape, dtype=images.dtype)
+        for first, last, lo, hi in blocks_y:
+            torch.matmul(my[first:last, lo:hi], images[..., lo:hi, :], out=rows[..., first:last, :])
+    if len(blocks_x) == 1:
+        return torch.matmul(rows, mx.T)
+    out = torch.empty_like(rows)
+    for first, last, lo, hi in blocks_x:
+        torch.matmul(rows[..., lo:hi], mx[first:last, lo:hi].T, out=out[..., first:last])
+    return out
 
 
 def gaussian_filter(

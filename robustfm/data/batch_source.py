@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from robustfm.data.reading import DEFAULT_CROP_SCALE, decode_images, iter_worker_batches, ordered_execution
-from robustfm.data.shards import Location, load_manifest, split_shards
+from robustfm.data.shards import (
+    MANIFEST_NAME,
+    ColumnSpec,
+    Location,
+    MissingColumnError,
+    load_manifest,
+    manifest_columns,
+    split_shards,
+)
 from robustfm.seeding import epoch_seed
 
 if TYPE_CHECKING:
@@ -57,9 +65,10 @@ def epoch_sequence(
 class _ReadWindow:
     """Ray Data UDF: one work item (a window's picks) -> the picked rows of its shards, in pick order."""
 
-    def __init__(self, filesystem: pafs.FileSystem, files: list[str]) -> None:
+    def __init__(self, filesystem: pafs.FileSystem, files: list[str], columns: list[str] | None = None) -> None:
         self.filesystem = filesystem
         self.files = files
+        self.columns = columns
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import pyarrow as pa
@@ -69,7 +78,7 @@ class _ReadWindow:
         for shards, rows in zip(batch["shards"], batch["rows"], strict=True):
             shards, rows = np.asarray(shards, dtype=np.int64), np.asarray(rows, dtype=np.int64)
             needed = sorted(set(shards.tolist()))
-            loaded = [pq.read_table(self.files[s], filesystem=self.filesystem) for s in needed]
+            loaded = [pq.read_table(self.files[s], filesystem=self.filesystem, columns=self.columns) for s in needed]
             offsets = np.cumsum([0] + [t.num_rows for t in loaded])
             position = {s: offsets[i] for i, s in enumerate(needed)}
             combined = pa.concat_tables(loaded)
@@ -91,6 +100,9 @@ class ShardBatchSource:
         train: train transform (seeded random-resized crop + flip) or eval transform (resize + centre crop).
         seed: run seed for shuffles and crops.
         stages: Ray Data stages ``(dataset, epoch) -> dataset`` applied after decoding (corruptions, GT maps, ...).
+        columns: columns to read (default: every column of the shard set); ``id`` and ``image`` are always read.
+            Image and mask columns are decoded with the row's image (one joint transform): images float32
+            [3, S, S], masks uint8 [1, S, S].
         shuffle: seeded per-epoch shuffle (default: ``train``).
         crop_scale: area fraction range of training crops.
         shuffle_window: shards whose rows are shuffled together (more mixes better; each read task holds that
@@ -118,6 +130,7 @@ class ShardBatchSource:
         endpoint_url: str | None = None,
         holdout_fraction: float = 0.0,
         holdout_role: Literal["exclude", "only"] = "exclude",
+        columns: Sequence[str] | None = None,
     ) -> None:
         if batch_size <= 0 or image_size <= 0 or shuffle_window <= 0:
             raise ValueError(
@@ -142,16 +155,40 @@ class ShardBatchSource:
         self.endpoint_url = endpoint_url
         self.holdout_period = round(1 / holdout_fraction) if holdout_fraction > 0 else 0
         self.holdout_role = holdout_role
+        self.columns = None if columns is None else tuple(dict.fromkeys(["id", "image", *columns]))
         self._shards: list[dict[str, Any]] | None = None
+        self._available: dict[str, ColumnSpec] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_shards": None}  # re-read the manifest where the source is used
+        # re-read the manifest where the source is used
+        return {**self.__dict__, "_shards": None, "_available": None}
 
     def _shard_list(self) -> list[dict[str, Any]]:
         if self._shards is None:
             location = Location(self.path, self.endpoint_url)
-            self._shards = split_shards(load_manifest(location), self.split, location.display("manifest.json"))
+            manifest = load_manifest(location)
+            where = location.display(MANIFEST_NAME)
+            self._shards = split_shards(manifest, self.split, where)
+            self._available = manifest_columns(manifest, where)
         return self._shards
+
+    def read_columns(self) -> dict[str, ColumnSpec]:
+        """The columns this source reads (name -> spec), checked against the shard set's manifest.
+
+        Raises:
+            MissingColumnError: naming the requested columns the shard set lacks and the shard directory.
+        """
+        self._shard_list()
+        assert self._available is not None
+        if self.columns is None:
+            return dict(self._available)
+        missing = [name for name in self.columns if name not in self._available]
+        if missing:
+            raise MissingColumnError(
+                f"ShardBatchSource reads column(s) {missing} that the shards at "
+                f"{Location(self.path, self.endpoint_url).display()} do not have (they have {list(self._available)})"
+            )
+        return {name: self._available[name] for name in self.columns}
 
     @property
     def num_rows(self) -> int:
@@ -197,12 +234,14 @@ class ShardBatchSource:
         for w in np.unique(windows):  # windows appear in sequence order, so np.unique keeps it
             picked = windows == w
             items.append({"shards": shard_ids[picked].tolist(), "rows": rows[picked].tolist()})
+        columns = self.read_columns()
         location = Location(self.path, self.endpoint_url)
         files = [location.join(s["file"]) for s in shards]
         ordered_execution()
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-        ds = ds.map_batches(_ReadWindow(location.filesystem(), files), batch_size=1, batch_format="numpy")
-        ds = decode_images(ds, self.image_size, self.train, self.seed, epoch, self.crop_scale)
+        read = _ReadWindow(location.filesystem(), files, None if self.columns is None else list(columns))
+        ds = ds.map_batches(read, batch_size=1, batch_format="numpy")
+        ds = decode_images(ds, self.image_size, self.train, self.seed, epoch, self.crop_scale, columns=columns)
         for stage in self.stages:
             ds = stage(ds, epoch)
         return ds

@@ -23,11 +23,27 @@ class SourceConfig:
     """Local directory or ``s3://bucket/prefix`` holding the tree."""
     splits: tuple[str, ...] = ()
     """Splits to convert (``train``, ``val``); empty: every split the tree has."""
+    masks: str | None = None
+    """Root (local or ``s3://``) of a tree of per-image masks mirroring the images: the mask of
+    ``<root>/<path>/<name>.<ext>`` is ``<masks>/<path>/<name>.png``, where ``<path>`` may also leave out the split
+    folder (``<masks>/<class>/<name>.png`` for ``<root>/train/<class>/<name>.jpg``). Masks are stored in a ``mask``
+    column (8-bit PNG, values kept exactly). An image whose mask is missing, unreadable or of another size is
+    skipped and listed in the manifest (reasons ``mask_missing``, ``mask_invalid``, ``mask_size_mismatch``),
+    never given an empty mask. None: no masks."""
+    mask_meaning: str = "foreground mask: 0 background, >0 foreground"
+    """What the mask values mean, recorded in the manifest's ``columns`` section."""
 
     def __post_init__(self) -> None:
         from robustfm.data.sources import SOURCES  # the registry lists names without importing any source
 
         check(bool(self.root), "root", self.root, "must name the directory (or s3:// prefix) holding the data")
+        check(self.masks is None or bool(self.masks), "masks", self.masks, "must name a directory or be null")
+        check(
+            self.masks is None or self.masks.rstrip("/") != self.root.rstrip("/"),
+            "masks",
+            self.masks,
+            "must be another tree than root (the image lister would take the masks for images)",
+        )
         try:
             SOURCES.check(self.kind)
         except KeyError as err:

@@ -8,18 +8,22 @@ plug into :class:`robustfm.data.ShardBatchSource` and into :func:`build_cgclip_p
 Every random choice is a function of (run seed, sample id, epoch): the corruption and severity come from
 ``sample_seed(id, epoch, "corruption", run_seed)`` and the corruption's own draws from
 ``sample_seed(id, epoch, "corruption_draws", run_seed)``, so a row gets the same corrupted pixels in any batch, on
-any worker and on every rerun. Corruptions run as Ray tasks on CPU; ground-truth maps run in an actor pool whose
-actors each build their mapper (e.g. a VGG-16) once.
+any worker and on every rerun. Corruptions run as Ray tasks on CPU; ground-truth maps are a frozen-model stage
+(:func:`robustfm.data.frozen_stage.frozen_model_stage`): an actor pool whose actors each build their mapper (e.g. a
+VGG-16) once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from robustfm.gtmaps.config import CorruptionStageConfig, GTMapConfig
+from robustfm.data.frozen_stage import frozen_model_stage, keep_columns
+from robustfm.data.stage_config import CorruptionStageConfig, FrozenStageConfig
+from robustfm.gtmaps.config import GTMapConfig
 from robustfm.seeding import sample_seed
 
 if TYPE_CHECKING:
@@ -48,13 +52,6 @@ def resolve_corruptions(corruption_set: str | Sequence[str]) -> tuple[str, ...]:
 def _float_images(column: Any) -> np.ndarray:
     # Ray hands out read-only views of its blocks; torch wants writable memory.
     return np.array(column, dtype=np.float32, copy=True)
-
-
-def _pass_through(batch: dict[str, Any]) -> dict[str, Any]:
-    out = dict(batch)
-    if "captions" in out:  # ragged lists stay Python lists (stored by Ray as list<string>)
-        out["captions"] = [list(c) for c in out["captions"]]
-    return out
 
 
 def _ids(batch: dict[str, Any], stage: str) -> list[str]:
@@ -86,7 +83,7 @@ class CorruptBatch:
         severities = [severity for _, severity in picks]
         seeds = [sample_seed(i, self.epoch, "corruption_draws", self.run_seed) for i in ids]
         images = torch.from_numpy(_float_images(batch["image"]))
-        out = _pass_through(batch)
+        out = keep_columns(batch)
         out["corrupted"] = corrupt_batch(images, names, severities, seeds).numpy()
         out["corruption"] = np.array(names, dtype=object)
         out["severity"] = np.array(severities, dtype=np.int64)
@@ -124,35 +121,20 @@ def corrupt_stage(
 # --- ground-truth maps -----------------------------------------------------------------------------------------------
 
 
-class GTMapActor:
-    """Ray Data actor: builds the mapper once, then adds ``output`` float32 [1,H,W] for (``clean``, ``corrupted``)."""
+@dataclass(frozen=True)
+class GTMapLoader:
+    """Builds a ground-truth mapper on a device: the ``loader`` of the GT-map frozen-model stage (plain data, so it
+    travels to the actors)."""
 
-    def __init__(
-        self,
-        mapper_name: str,
-        weights: str | None,
-        layers: tuple[int, ...] | None,
-        scale: float | None,
-        device: str,
-        clean: str,
-        corrupted: str,
-        output: str,
-    ) -> None:
+    name: str
+    weights: str | None = None
+    layers: tuple[int, ...] | None = None
+    scale: float | None = None
+
+    def __call__(self, device: str) -> Any:
         from robustfm.gtmaps import build_gt_mapper
 
-        self.device = device
-        self.columns = (clean, corrupted, output)
-        self.mapper = build_gt_mapper(mapper_name, weights=weights, layers=layers, scale=scale).to(device)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        import torch
-
-        clean_column, corrupted_column, output = self.columns
-        clean = torch.from_numpy(_float_images(batch[clean_column])).to(self.device)
-        corrupted = torch.from_numpy(_float_images(batch[corrupted_column])).to(self.device)
-        out = _pass_through(batch)
-        out[output] = self.mapper(clean, corrupted).cpu().numpy()
-        return out
+        return build_gt_mapper(self.name, weights=self.weights, layers=self.layers, scale=self.scale).to(device)
 
 
 def gt_map_stage(
@@ -193,33 +175,16 @@ def gt_map_stage(
         num_cpus=num_cpus,
         batch_size=batch_size,
     )  # checks every argument before Ray sees it
-    device = "cuda" if config.num_gpus > 0 else "cpu"
-    constructor = (
-        config.name,
-        config.weights,
-        config.layers,
-        config.scale,
-        device,
-        clean_column,
-        corrupted_column,
-        output_column,
+    loader = GTMapLoader(config.name, config.weights, config.layers, config.scale)
+    pool = FrozenStageConfig(
+        min_actors=config.min_actors,
+        max_actors=config.max_actors,
+        num_cpus=config.num_cpus,
+        num_gpus=config.num_gpus,
+        batch_size=config.batch_size,
     )
-
-    def stage(ds: ray.data.Dataset, epoch: int) -> ray.data.Dataset:
-        import ray.data
-
-        return ds.map_batches(
-            GTMapActor,
-            fn_constructor_args=constructor,
-            compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
-            batch_size=config.batch_size,
-            batch_format="numpy",
-            zero_copy_batch=True,
-            num_cpus=config.num_cpus,
-            num_gpus=config.num_gpus or None,
-        )
-
-    return stage
+    # The mapper's forward is (clean, corrupted) -> float32 [N, 1, H, W] maps: the default apply.
+    return frozen_model_stage(loader, inputs=(clean_column, corrupted_column), output=output_column, pool=pool)
 
 
 def gt_map_stage_from_config(config: GTMapConfig) -> Stage:
@@ -261,7 +226,7 @@ class PerturbBatch:
                 for i in ids
             ]
             edited.append(perturb(images, self.name, value, generators))
-        out = _pass_through(batch)
+        out = keep_columns(batch)
         out["perturbed"] = torch.stack(edited, dim=1).numpy()
         out["perturbation"] = np.array([self.name] * len(ids), dtype=object)
         out["perturbation_values"] = np.tile(np.asarray(self.values, dtype=np.float32), (len(ids), 1))
@@ -286,6 +251,62 @@ def perturb_stage(name: str, values: Sequence[float] | int, run_seed: int = 0, b
 
     def stage(ds: ray.data.Dataset, epoch: int) -> ray.data.Dataset:
         udf = PerturbBatch(name, chosen, run_seed, epoch)
+        return ds.map_batches(udf, batch_size=batch_size, batch_format="numpy", zero_copy_batch=True)
+
+    return stage
+
+
+class RandomPerturbBatch:
+    """Ray Data UDF: one everyday edit per row, drawn per (sample, epoch): adds ``perturbed`` float32 [3,H,W],
+    ``perturbation`` str and ``perturbation_value`` float32."""
+
+    def __init__(self, grid: dict[str, tuple[float, ...]], run_seed: int, epoch: int) -> None:
+        self.grid, self.run_seed, self.epoch = grid, run_seed, epoch
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        from robustfm.perturbations import perturb
+
+        ids = _ids(batch, "random perturb")
+        names = sorted(self.grid)
+        picks = []
+        for sample_id in ids:
+            rng = np.random.default_rng(sample_seed(sample_id, self.epoch, "random_perturbation", self.run_seed))
+            name = names[int(rng.integers(len(names)))]
+            picks.append((name, self.grid[name][int(rng.integers(len(self.grid[name])))]))
+        images = torch.from_numpy(_float_images(batch["image"]))
+        edited = torch.empty_like(images)
+        # Rows sharing an edit are edited together; noise draws come from each row's own generator.
+        for name, value in sorted(set(picks)):
+            rows = [i for i, pick in enumerate(picks) if pick == (name, value)]
+            generators = [
+                torch.Generator().manual_seed(sample_seed(ids[i], self.epoch, f"perturb/{name}", self.run_seed))
+                for i in rows
+            ]
+            edited[rows] = perturb(images[rows], name, value, generators)
+        out = keep_columns(batch)
+        out["perturbed"] = edited.numpy()
+        out["perturbation"] = np.array([name for name, _ in picks], dtype=object)
+        out["perturbation_value"] = np.array([value for _, value in picks], dtype=np.float32)
+        return out
+
+
+def random_perturb_stage(
+    names: Sequence[str] | None = None, values_per_perturbation: int = 5, run_seed: int = 0, batch_size: int = 16
+) -> Stage:
+    """A stage giving every row one everyday edit: a perturbation drawn uniformly from ``names`` (None: every
+    registered one) and a value drawn uniformly from its ``sweep(name, values_per_perturbation)`` grid (equally
+    spaced over the documented range, ends included), both fixed by (run seed, sample id, epoch)."""
+    from robustfm.perturbations import PERTURBATIONS, sweep
+
+    chosen = list(PERTURBATIONS.names() if names is None else names)
+    if not chosen:
+        raise ValueError("random_perturb_stage needs at least one perturbation")
+    grid = {name: tuple(sweep(name, values_per_perturbation)) for name in chosen}  # unknown names fail here
+
+    def stage(ds: ray.data.Dataset, epoch: int) -> ray.data.Dataset:
+        udf = RandomPerturbBatch(grid, run_seed, epoch)
         return ds.map_batches(udf, batch_size=batch_size, batch_format="numpy", zero_copy_batch=True)
 
     return stage

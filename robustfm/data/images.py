@@ -33,6 +33,12 @@ class SkipReason:
     """The file exists but the storage refused to read it (permissions, I/O error)."""
     DECODE_ERROR = "decode_error"
     """The header parsed but the pixel data did not decode (corrupt stream that is not merely cut short)."""
+    MASK_MISSING = "mask_missing"
+    """``source.masks`` is set and the mask tree has no mask for this image (never replaced by an empty mask)."""
+    MASK_SIZE_MISMATCH = "mask_size_mismatch"
+    """The image's mask has another size than the (upright) image."""
+    MASK_INVALID = "mask_invalid"
+    """The mask file is not a decodable single-channel 8-bit image."""
 
 
 class ImageDecodeError(ValueError):
@@ -73,25 +79,31 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _open(data: bytes, name: str) -> Image.Image:
+def _open(data: bytes, name: str, load: bool = True) -> Image.Image:
+    """Open (and with ``load``, decode) encoded bytes; every failure becomes an :class:`ImageDecodeError`."""
     if len(data) == 0:
         raise ImageDecodeError(SkipReason.EMPTY, f"{name} has 0 bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            image.load()
+            if load:
+                image.load()
     except UnidentifiedImageError:
         raise ImageDecodeError(SkipReason.NOT_AN_IMAGE, f"{name} is not in any image format PIL reads") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageDecodeError(SkipReason.TOO_LARGE, f"{name}: {err}") from None
     except OSError as err:
-        text = str(err).lower()
-        reason = SkipReason.TRUNCATED if "truncated" in text or "premature end" in text else SkipReason.DECODE_ERROR
-        raise ImageDecodeError(reason, f"{name}: {err}") from None
+        raise _load_error(err, name) from None
     except (SyntaxError, ValueError, EOFError) as err:  # PIL's plugins raise these for corrupt headers
         raise ImageDecodeError(SkipReason.DECODE_ERROR, f"{name}: {err}") from None
     return image
+
+
+def _load_error(err: OSError, name: str) -> ImageDecodeError:
+    text = str(err).lower()
+    reason = SkipReason.TRUNCATED if "truncated" in text or "premature end" in text else SkipReason.DECODE_ERROR
+    return ImageDecodeError(reason, f"{name}: {err}")
 
 
 def load_rgb(data: bytes, name: str = "<bytes>") -> Image.Image:
@@ -154,9 +166,14 @@ def decode_crop_resize(
     ``size`` x ``size`` with bicubic filtering. Returns uint8 HWC RGB.
 
     JPEGs are decoded at a reduced scale (libjpeg's DCT scaling via ``draft``) when the crop is still at least
-    twice the output size, which saves most of the decode time for large photos at no visible cost.
+    twice the output size, which saves most of the decode time for large photos at no visible cost. The box is
+    scaled with the decoded image, so it covers the same part of the picture either way (masks cropped with the
+    same box stay aligned).
+
+    Raises:
+        ImageDecodeError: with the :class:`SkipReason` of an undecodable file.
     """
-    image = _open_lazy(data, name)
+    image = _open(data, name, load=False)
     orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
     if image.format != "JPEG" or orientation not in (1, None):
         rgb = load_rgb(data, name)
@@ -170,15 +187,8 @@ def decode_crop_resize(
     try:
         image.load()
     except OSError as err:
-        raise ImageDecodeError(SkipReason.TRUNCATED, f"{name}: {err}") from None
+        raise _load_error(err, name) from None
+    except (SyntaxError, ValueError, EOFError) as err:
+        raise ImageDecodeError(SkipReason.DECODE_ERROR, f"{name}: {err}") from None
     scaled = (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)
     return np.asarray(_to_rgb(image).resize((size, size), Image.Resampling.BICUBIC, box=scaled))
-
-
-def _open_lazy(data: bytes, name: str) -> Image.Image:
-    if len(data) == 0:
-        raise ImageDecodeError(SkipReason.EMPTY, f"{name} has 0 bytes")
-    try:
-        return Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ImageDecodeError(SkipReason.NOT_AN_IMAGE, f"{name} is not in any image format PIL reads") from None

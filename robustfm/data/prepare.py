@@ -7,14 +7,20 @@ needed) convert the images of one shard each and return the Parquet bytes; the d
 atomically, then its done record. Writing on the driver keeps a local output on the
 driver's disk even on a multi-node cluster, and means an interrupted run never leaves a task writing behind it.
 
-A rerun skips every shard whose done record matches the plan (same item ids) and whose file is present with the
-recorded checksum, converts the rest, and rewrites the manifest.
+A rerun skips every shard whose done record matches the plan (same item ids, same columns) and whose file is present
+with the recorded checksum, converts the rest, and rewrites the manifest.
+
+Masks (``source.masks``) come from a tree mirroring the images (see :class:`~robustfm.data.config.SourceConfig`) and
+go into a ``mask`` column; an image without a usable mask is skipped with a ``mask_*`` reason, never given an empty
+mask. A source may also list extra columns of its own (``SourceListing.columns``: further images, group keys,
+numbers), which the converter reads and checks the same way.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,12 +30,16 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from robustfm.data.config import PrepareConfig
-from robustfm.data.images import ImageDecodeError, SkipReason, inspect_image
+from robustfm.data.images import ImageDecodeError, inspect_image
+from robustfm.data.row_columns import MaskTree, RowSkipped, listed_values, mirrored_mask, read_source
 from robustfm.data.shards import (
-    BASE_COLUMNS,
+    BASE_SPECS,
     MANIFEST_NAME,
     SCHEMA_VERSION,
+    ColumnKind,
+    ColumnSpec,
     Location,
+    check_extra_columns,
     done_record_name,
     encode_shard,
     exists,
@@ -40,7 +50,10 @@ from robustfm.data.shards import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from robustfm.data.sources import SOURCES, SourceItem, SourceListing
+from robustfm.data.sources import SOURCES, LayoutError, SourceItem, SourceListing
+
+MASK_COLUMN = "mask"
+"""The column ``source.masks`` fills."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,8 @@ class ShardPlan:
     split: str
     index: int
     items: tuple[SourceItem, ...]
+    variant: str = ""
+    """What else decides the shard's content (extra columns, mask tree); empty for base columns only."""
 
     @property
     def file(self) -> str:
@@ -59,7 +74,8 @@ class ShardPlan:
     @property
     def fingerprint(self) -> str:
         """Identifies the plan: a done record of another plan (other shard size, other files) is not reused."""
-        return hashlib.sha256("\n".join(item.id for item in self.items).encode()).hexdigest()
+        text = "\n".join(item.id for item in self.items)
+        return hashlib.sha256((text + (f"\n#{self.variant}" if self.variant else "")).encode()).hexdigest()
 
 
 @dataclass
@@ -91,7 +107,9 @@ class PrepareSummary:
         return "\n".join(lines)
 
 
-def plan_shards(listing: SourceListing, shard_size: int, mix_seed: int | None = 0) -> list[ShardPlan]:
+def plan_shards(
+    listing: SourceListing, shard_size: int, mix_seed: int | None = 0, variant: str = ""
+) -> list[ShardPlan]:
     """Cut every split's items (in a ``mix_seed`` random order, or listing order for None) into shards."""
     plans = []
     for split, listed in listing.splits.items():
@@ -100,30 +118,42 @@ def plan_shards(listing: SourceListing, shard_size: int, mix_seed: int | None = 
             order = np.random.default_rng(mix_seed).permutation(len(items))
             items = [items[i] for i in order]
         for index, start in enumerate(range(0, len(items), shard_size)):
-            plans.append(ShardPlan(split, index, tuple(items[start : start + shard_size])))
+            plans.append(ShardPlan(split, index, tuple(items[start : start + shard_size]), variant))
     return plans
 
 
-def convert_shard(source_fs: pafs.FileSystem, source_base: str, plan: ShardPlan) -> tuple[bytes | None, dict[str, Any]]:
-    """Read, check and encode the images of one shard.
+def convert_shard(
+    source_fs: pafs.FileSystem,
+    source_base: str,
+    plan: ShardPlan,
+    columns: dict[str, ColumnSpec] | None = None,
+    masks: MaskTree | None = None,
+) -> tuple[bytes | None, dict[str, Any]]:
+    """Read, check and encode the images (and masks, and extra columns) of one shard.
+
+    Args:
+        columns: the shards' extra columns: the listing's (values from ``SourceItem.extra``) and, with ``masks``,
+            :data:`MASK_COLUMN`.
+        masks: the mask tree, when masks are attached.
 
     Returns:
         The Parquet bytes (None when every file was skipped) and the shard's done record (without checksum).
     """
+    columns = dict(columns or {})
+    listed = {name: spec for name, spec in columns.items() if masks is None or name != MASK_COLUMN}
     rows, skipped = [], []
     counts: Counter[str] = Counter()
     for item in plan.items:
-        path = f"{source_base.rstrip('/')}/{item.path}"
         try:
-            data = read_bytes(source_fs, path)
-            image = inspect_image(data, item.path)
-        except ImageDecodeError as err:
-            skipped.append({"split": plan.split, "path": item.path, "reason": err.reason, "detail": err.detail})
-            continue
-        except OSError as err:
-            skipped.append(
-                {"split": plan.split, "path": item.path, "reason": SkipReason.UNREADABLE, "detail": str(err)}
-            )
+            try:
+                image = inspect_image(read_source(source_fs, source_base, item.path), item.path)
+            except ImageDecodeError as err:
+                raise RowSkipped(err.reason, err.detail) from None
+            values = listed_values(source_fs, source_base, item, listed, image.width, image.height)
+            if masks is not None:
+                values[MASK_COLUMN] = mirrored_mask(masks, item, plan.split, image.width, image.height)
+        except RowSkipped as skip:
+            skipped.append({"split": plan.split, "path": item.path, "reason": skip.reason, "detail": skip.detail})
             continue
         rows.append(
             {
@@ -135,6 +165,7 @@ def convert_shard(source_fs: pafs.FileSystem, source_base: str, plan: ShardPlan)
                 "source_path": item.path,
                 "width": image.width,
                 "height": image.height,
+                **values,
             }
         )
         counts[item.class_name] += 1
@@ -147,7 +178,7 @@ def convert_shard(source_fs: pafs.FileSystem, source_base: str, plan: ShardPlan)
         "counts_per_class": dict(sorted(counts.items())),
         "skipped": skipped,
     }
-    return (encode_shard(rows) if rows else None), record
+    return (encode_shard(rows, columns) if rows else None), record
 
 
 def _finished_record(fs: pafs.FileSystem, out: Location, plan: ShardPlan, verify: bool) -> dict[str, Any] | None:
@@ -191,7 +222,10 @@ def run(config: PrepareConfig, on_shard_done: Callable[[dict[str, Any]], None] |
     source = Location(config.source.root, config.s3_endpoint_url)
     out = Location(config.output, config.s3_endpoint_url)
     listing = SOURCES.get(config.source.kind)(source, config.source.splits)
-    plans = plan_shards(listing, config.shard_size, config.mix_seed)
+    masks, columns = _columns(config, listing)
+    # Other columns make other shards: a done record written without them must not be reused.
+    described = {"columns": {n: c.to_json() for n, c in columns.items()}, "masks": config.source.masks}
+    plans = plan_shards(listing, config.shard_size, config.mix_seed, json.dumps(described) if columns else "")
     out_fs = out.filesystem()
 
     records: dict[tuple[str, int], dict[str, Any]] = {}
@@ -218,7 +252,7 @@ def run(config: PrepareConfig, on_shard_done: Callable[[dict[str, Any]], None] |
             while queue or in_flight:
                 while queue and len(in_flight) < max_in_flight:
                     plan = queue.pop(0)
-                    in_flight[convert.remote(source_fs, source.base, plan)] = plan
+                    in_flight[convert.remote(source_fs, source.base, plan, columns, masks)] = plan
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
                 plan = in_flight.pop(ready[0])
                 data, record = ray.get(ready[0])
@@ -239,7 +273,7 @@ def run(config: PrepareConfig, on_shard_done: Callable[[dict[str, Any]], None] |
     else:
         progress.close()
 
-    manifest = build_manifest(config, listing, plans, records)
+    manifest = build_manifest(config, listing, plans, records, columns)
     write_json_atomic(out, out.join(MANIFEST_NAME), manifest)
     return PrepareSummary(
         output=out.display(),
@@ -252,13 +286,36 @@ def run(config: PrepareConfig, on_shard_done: Callable[[dict[str, Any]], None] |
     )
 
 
+def _columns(config: PrepareConfig, listing: SourceListing) -> tuple[MaskTree | None, dict[str, ColumnSpec]]:
+    """The mask tree (checked to exist, before Ray starts) and every extra column the shards will have."""
+    columns = check_extra_columns(listing.columns)
+    if config.source.masks is None:
+        return None, columns
+    if MASK_COLUMN in columns:
+        raise ValueError(f"source {listing.kind!r} lists a {MASK_COLUMN!r} column itself: leave source.masks unset")
+    location = Location(config.source.masks, config.s3_endpoint_url)
+    fs = location.filesystem()
+    if fs.get_file_info(location.base).type != pafs.FileType.Directory:
+        raise LayoutError(
+            f"source.masks {location.display()} does not exist or is not a directory; expected a tree of "
+            "<path>/<image name>.png masks mirroring the images under source.root"
+        )
+    columns[MASK_COLUMN] = ColumnSpec(ColumnKind.MASK, config.source.mask_meaning)
+    return MaskTree(fs, location.base), columns
+
+
 def build_manifest(
     config: PrepareConfig,
     listing: SourceListing,
     plans: list[ShardPlan],
     records: dict[tuple[str, int], dict[str, Any]],
+    extra: dict[str, ColumnSpec] | None = None,
 ) -> dict[str, Any]:
-    """The ``manifest.json`` content, from the done records of every planned shard."""
+    """The ``manifest.json`` content, from the done records of every planned shard.
+
+    Args:
+        extra: the shards' extra columns (declared in the ``columns`` section with the base ones).
+    """
     from robustfm import __version__
 
     splits: dict[str, dict[str, Any]] = {}
@@ -276,11 +333,14 @@ def build_manifest(
             "counts_per_class": dict(sorted(counts.items())),
             "shards": shards,
         }
+    source: dict[str, Any] = {"kind": listing.kind, "root": listing.root, "splits": list(listing.splits)}
+    if config.source.masks is not None:
+        source["masks"] = Location(config.source.masks, config.s3_endpoint_url).canonical
     return {
         "format": "robustfm-shards",
         "schema_version": SCHEMA_VERSION,
-        "columns": list(BASE_COLUMNS),
-        "source": {"kind": listing.kind, "root": listing.root, "splits": list(listing.splits)},
+        "columns": {name: spec.to_json() for name, spec in {**BASE_SPECS, **(extra or {})}.items()},
+        "source": source,
         "classes": list(listing.classes),
         "class_ids": list(listing.class_ids),
         "shard_size": config.shard_size,

@@ -1,27 +1,52 @@
-"""Reading shards with Ray Data: open, decode with seeded crops, and iterate torch batches in a worker.
+"""Reading shards with Ray Data: open, decode with the joint train / eval transform, iterate torch batches.
 
-Every random draw of the train transform comes from ``sample_seed(id, epoch, "crop", seed)``, so a sample gets the
-same crop and flip whatever block, batch, worker or rerun it lands in. Ray Data runs with ``preserve_order`` so
-that the order rows are emitted in is the order the datasets were built in.
+The transforms live in :mod:`robustfm.data.transforms` (seeded per sample, one box and flip for a row's image and
+masks). Ray Data runs with ``preserve_order`` so that the order rows are emitted in is the order the datasets were
+built in.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from robustfm.data.images import decode_crop_resize
-from robustfm.data.shards import Location, load_manifest, split_shards
-from robustfm.seeding import sample_seed
+from robustfm.data.shards import (
+    DECODED_KINDS,
+    MANIFEST_NAME,
+    ColumnKind,
+    ColumnSpec,
+    Location,
+    MissingColumnError,
+    load_manifest,
+    manifest_columns,
+    split_shards,
+)
+from robustfm.data.transforms import (
+    DEFAULT_CROP_SCALE,
+    center_box,
+    random_resized_box,
+    transform_image,
+    transform_row,
+)
 
 if TYPE_CHECKING:
     import ray.data
 
-DEFAULT_CROP_SCALE = (0.9, 1.0)  # open_clip's fine-tuning default for RandomResizedCrop's area fraction
-_RATIO = (3 / 4, 4 / 3)
+__all__ = [
+    "DEFAULT_CROP_SCALE",
+    "center_box",
+    "decode_images",
+    "decoded_kinds",
+    "iter_worker_batches",
+    "open_shards",
+    "ordered_execution",
+    "random_resized_box",
+    "to_torch_batch",
+    "transform_image",
+    "transform_row",
+]
 
 
 def ordered_execution() -> None:
@@ -49,12 +74,21 @@ def open_shards(
 
     Raises:
         ManifestError: when ``path`` holds no finished conversion or has no ``split``.
+        MissingColumnError: when ``columns`` names a column the shard set does not have.
     """
     import ray.data
 
     location = Location(path, endpoint_url)
     manifest = load_manifest(location)
-    shards = split_shards(manifest, split, location.display("manifest.json"))
+    where = location.display(MANIFEST_NAME)
+    shards = split_shards(manifest, split, where)
+    if columns is not None:
+        available = manifest_columns(manifest, where)
+        missing = [name for name in columns if name not in available]
+        if missing:
+            raise MissingColumnError(
+                f"column(s) {missing} requested from {location.display()}, which has {list(available)}"
+            )
     if not shards:
         raise ValueError(f"split {split!r} of {location.display()} has no images (every file was skipped?)")
     ordered_execution()
@@ -68,77 +102,46 @@ def open_shards(
     )
 
 
-def random_resized_box(
-    width: int, height: int, rng: np.random.Generator, scale: tuple[float, float]
-) -> tuple[float, ...]:
-    """A random crop box (left, top, right, bottom) of ``scale`` area fraction and aspect in [3/4, 4/3].
-
-    Same distribution as torchvision's RandomResizedCrop, drawn from ``rng`` (10 tries, then a centred crop).
-    """
-    area = width * height
-    log_ratio = (math.log(_RATIO[0]), math.log(_RATIO[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        crop_w = round(math.sqrt(target * aspect))
-        crop_h = round(math.sqrt(target / aspect))
-        if 0 < crop_w <= width and 0 < crop_h <= height:
-            left = int(rng.integers(0, width - crop_w + 1))
-            top = int(rng.integers(0, height - crop_h + 1))
-            return (left, top, left + crop_w, top + crop_h)
-    aspect = width / height
-    if aspect < _RATIO[0]:
-        crop_w, crop_h = width, round(width / _RATIO[0])
-    elif aspect > _RATIO[1]:
-        crop_w, crop_h = round(height * _RATIO[1]), height
-    else:
-        crop_w, crop_h = width, height
-    left, top = (width - crop_w) // 2, (height - crop_h) // 2
-    return (left, top, left + crop_w, top + crop_h)
-
-
-def center_box(width: int, height: int) -> tuple[float, ...]:
-    """The centred square of side min(width, height): "resize the shorter side, then centre-crop"."""
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return (left, top, left + side, top + side)
-
-
-def transform_image(
-    data: bytes, sample_id: str, image_size: int, train: bool, seed: int, epoch: int, crop_scale: tuple[float, float]
-) -> np.ndarray:
-    """Decode one encoded image into float32 [3, S, S] in [0, 1] with the train or eval transform."""
-    if train:
-        rng = np.random.default_rng(sample_seed(sample_id, epoch, "crop", seed))
-        pixels = decode_crop_resize(data, lambda w, h: random_resized_box(w, h, rng, crop_scale), image_size, sample_id)
-        if rng.random() < 0.5:
-            pixels = pixels[:, ::-1]
-    else:
-        pixels = decode_crop_resize(data, center_box, image_size, sample_id)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
-
-
 class _DecodeBatch:
-    """Ray Data UDF: replaces the ``image`` bytes column by float32 pixels and adds ``epoch``."""
+    """Ray Data UDF: replaces image and mask columns by their transformed pixels and adds ``epoch``."""
 
-    def __init__(self, image_size: int, train: bool, seed: int, epoch: int, crop_scale: tuple[float, float]) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        train: bool,
+        seed: int,
+        epoch: int,
+        crop_scale: tuple[float, float],
+        kinds: Mapping[str, str],
+    ) -> None:
         self.args = (image_size, train, seed, epoch, crop_scale)
+        self.kinds = dict(kinds)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         image_size, train, seed, epoch, crop_scale = self.args
         ids = batch["id"]
-        pixels = np.stack(
-            [
-                transform_image(data, str(i), image_size, train, seed, epoch, crop_scale)
-                for data, i in zip(batch["image"], ids, strict=True)
-            ]
-        )
+        present = [name for name in self.kinds if name in batch]
+        decoded = [
+            transform_row(
+                {name: batch[name][k] for name in present}, self.kinds, str(i), image_size, train, seed, epoch,
+                crop_scale,
+            )
+            for k, i in enumerate(ids)
+        ]  # fmt: skip
         out = dict(batch)
-        out["image"] = pixels
+        for name in present:
+            out[name] = np.stack([row[name] for row in decoded])
         out["epoch"] = np.full(len(ids), epoch, dtype=np.int64)
         if "captions" in out:  # keep ragged caption lists as Python lists (Ray stores them as list<string>)
             out["captions"] = [list(c) for c in out["captions"]]
         return out
+
+
+def decoded_kinds(columns: Mapping[str, ColumnSpec] | None) -> dict[str, str]:
+    """Name -> kind of the columns the readers decode (image and mask kinds); ``None``: the ``image`` column only."""
+    if columns is None:
+        return {"image": ColumnKind.IMAGE}
+    return {name: spec.kind for name, spec in columns.items() if spec.kind in DECODED_KINDS}
 
 
 def decode_images(
@@ -149,14 +152,20 @@ def decode_images(
     epoch: int,
     crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE,
     batch_size: int = 32,
+    columns: Mapping[str, ColumnSpec] | None = None,
 ) -> ray.data.Dataset:
-    """Decode the ``image`` column into float32 [3, S, S] pixels in [0, 1].
+    """Decode the ``image`` column (and the other image and mask columns of ``columns``) of every row.
 
-    Train: a random-resized crop (``crop_scale`` area fraction) and a horizontal flip with probability 1/2, both
-    drawn from ``sample_seed(id, epoch, "crop", seed)``. Eval: resize the shorter side to ``image_size`` (bicubic)
-    and centre-crop. Every other column is kept; ``epoch`` is added.
+    One joint transform per row (see :mod:`robustfm.data.transforms`). Train: a random-resized crop
+    (``crop_scale`` area fraction) and a horizontal flip with probability 1/2, both drawn from
+    ``sample_seed(id, epoch, "crop", seed)``. Eval: resize the shorter side to ``image_size`` (bicubic) and
+    centre-crop. Images become float32 [3, S, S] in [0, 1], masks uint8 [1, S, S] (nearest: stored values only).
+    Every other column is kept; ``epoch`` is added.
+
+    Args:
+        columns: the shard set's columns (:func:`robustfm.data.shard_columns`); None decodes ``image`` only.
     """
-    decode = _DecodeBatch(image_size, train, seed, epoch, tuple(crop_scale))
+    decode = _DecodeBatch(image_size, train, seed, epoch, tuple(crop_scale), decoded_kinds(columns))
     return ds.map_batches(decode, batch_size=batch_size, batch_format="numpy", zero_copy_batch=True)
 
 

@@ -2,14 +2,18 @@
 
 Layout under an output directory (local path or ``s3://bucket/prefix``)::
 
-    manifest.json                      counts, classes, skipped files, source, schema version, shard checksums
+    manifest.json                      counts, classes, columns, skipped files, source, schema version, checksums
     train/shard-00000.parquet ...      one row per image (see :func:`shard_schema`)
     val/shard-00000.parquet ...
     _done/train-shard-00000.json ...   one record per finished shard: what the converter needs to resume
 
 Every file is written atomically (:func:`write_bytes_atomic`): readers never see half a shard or half a manifest.
-Later parts add columns (masks, ...) by bumping :data:`SCHEMA_VERSION` and extending :func:`shard_schema`; readers
-select the columns they know, so older shards stay readable.
+
+Schema versions: 1 has the :data:`BASE_COLUMNS` only. 2 adds optional extra columns, declared in the manifest's
+``columns`` section (name -> ``{"kind", "meaning"}``, see :class:`ColumnSpec`): per-image masks, group keys tying
+rows into pairs, further encoded images (the two distortions of a 2AFC triplet) and numeric labels. A version-1
+manifest has a plain list of column names there; :func:`manifest_columns` reads both, so v1 shard sets stay readable
+everywhere.
 """
 
 from __future__ import annotations
@@ -30,32 +34,19 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+from robustfm.data.columns import BASE_COLUMNS as BASE_COLUMNS
+from robustfm.data.columns import BASE_SPECS as BASE_SPECS
+from robustfm.data.columns import DECLARABLE_KINDS as DECLARABLE_KINDS
+from robustfm.data.columns import DECODED_KINDS as DECODED_KINDS
+from robustfm.data.columns import SCHEMA_VERSION as SCHEMA_VERSION
+from robustfm.data.columns import ColumnKind as ColumnKind
+from robustfm.data.columns import ColumnSpec as ColumnSpec
+from robustfm.data.columns import check_extra_columns as check_extra_columns
+from robustfm.data.columns import extra_columns as extra_columns
+from robustfm.data.columns import shard_schema as shard_schema
+
 MANIFEST_NAME = "manifest.json"
 DONE_DIR = "_done"
-BASE_COLUMNS = ("id", "image", "label", "class_name", "captions", "source_path", "width", "height", "row")
-
-
-def shard_schema() -> pa.Schema:
-    """Columns of schema version 1.
-
-    ``row`` (the row's position inside its shard) is an addition to the interface: with the manifest's row
-    counts it gives every sample a global index, which makes seeded shuffles and rank shares exact.
-    """
-    return pa.schema(
-        [
-            pa.field("id", pa.string(), nullable=False),
-            pa.field("image", pa.binary(), nullable=False),
-            pa.field("label", pa.int64(), nullable=False),
-            pa.field("class_name", pa.string(), nullable=False),
-            pa.field("captions", pa.list_(pa.string()), nullable=False),
-            pa.field("source_path", pa.string(), nullable=False),
-            pa.field("width", pa.int32(), nullable=False),
-            pa.field("height", pa.int32(), nullable=False),
-            pa.field("row", pa.int32(), nullable=False),
-        ],
-        metadata={"robustfm.schema_version": str(SCHEMA_VERSION)},
-    )
 
 
 def shard_name(index: int) -> str:
@@ -186,17 +177,23 @@ def sha256(data: bytes) -> str:
 # --- shards ------------------------------------------------------------------------------------------------------
 
 
-def encode_shard(rows: Sequence[Mapping[str, Any]]) -> bytes:
-    """Serialize rows (dicts with the schema's columns, ``row`` filled in here) to Parquet bytes."""
-    schema = shard_schema()
+def encode_shard(rows: Sequence[Mapping[str, Any]], extra: Mapping[str, ColumnSpec] | None = None) -> bytes:
+    """Serialize rows (dicts with the schema's columns, ``row`` filled in here) to Parquet bytes.
+
+    Args:
+        rows: one dict per image with every base column (but ``row``) and every ``extra`` column.
+        extra: the schema-v2 extra columns of the shard set (see :func:`shard_schema`).
+    """
+    schema = shard_schema(extra)
     columns: dict[str, list[Any]] = {name: [] for name in schema.names}
     for position, row in enumerate(rows):
         for name in schema.names:
             columns[name].append(position if name == "row" else row[name])
     table = pa.Table.from_pydict(columns, schema=schema)
     buffer = io.BytesIO()
-    # Encoded images do not compress further; the text columns do.
-    compression = {name: ("NONE" if name == "image" else "ZSTD") for name in schema.names}
+    # Encoded images and masks do not compress further; the text columns do.
+    binary = {name for name in schema.names if pa.types.is_binary(schema.field(name).type)}
+    compression = {name: ("NONE" if name in binary else "ZSTD") for name in schema.names}
     pq.write_table(table, buffer, compression=compression, row_group_size=256)
     return buffer.getvalue()
 
@@ -233,10 +230,10 @@ def load_manifest(location: Location) -> dict[str, Any]:
         )
     manifest = read_json(fs, path)
     version = manifest.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
         raise ManifestError(
             f"{location.display(MANIFEST_NAME)}: schema_version {version!r} is not readable by this robustfm "
-            f"(reads up to {SCHEMA_VERSION})"
+            f"(reads versions 1 to {SCHEMA_VERSION})"
         )
     return manifest
 
@@ -247,3 +244,70 @@ def split_shards(manifest: Mapping[str, Any], split: str, where: str = "") -> li
     if split not in splits:
         raise ManifestError(f"{where or 'manifest'} has no split {split!r}; it has {sorted(splits)}")
     return list(splits[split]["shards"])
+
+
+# --- columns -----------------------------------------------------------------------------------------------------
+
+
+class MissingColumnError(ManifestError):
+    """A shard set that lacks a column a reader needs. The message names the column and the shard directory."""
+
+
+def manifest_columns(manifest: Mapping[str, Any], where: str = "manifest") -> dict[str, ColumnSpec]:
+    """The columns a manifest declares (name -> spec, in file order), for schema version 1 and 2.
+
+    Version 1 manifests list column names only (always the base columns); version 2 manifests map every column to
+    its kind and meaning.
+
+    Raises:
+        ManifestError: naming ``where`` when the ``columns`` section is malformed or declares an unknown kind.
+    """
+    declared = manifest.get("columns")
+    if manifest.get("schema_version") == 1 or declared is None or isinstance(declared, list):
+        return dict(BASE_SPECS)
+    if not isinstance(declared, Mapping):
+        raise ManifestError(f"{where}: 'columns' must map column names to {{kind, meaning}}, got {declared!r}")
+    columns: dict[str, ColumnSpec] = {}
+    for name, entry in declared.items():
+        if not isinstance(entry, Mapping) or "kind" not in entry:
+            raise ManifestError(f"{where}: column {name!r} must be declared as {{kind, meaning}}, got {entry!r}")
+        columns[name] = ColumnSpec(str(entry["kind"]), str(entry.get("meaning", "")))
+    missing = [name for name in BASE_COLUMNS if name not in columns]
+    if missing:
+        raise ManifestError(f"{where}: 'columns' lacks base column(s) {missing}")
+    try:
+        check_extra_columns({n: s for n, s in columns.items() if n not in BASE_SPECS})
+    except ValueError as err:
+        raise ManifestError(f"{where}: {err}") from None
+    return columns
+
+
+def shard_columns(path: str, endpoint_url: str | None = None) -> dict[str, ColumnSpec]:
+    """The columns the shard set at ``path`` provides (name -> :class:`ColumnSpec`), read from its manifest.
+
+    Raises:
+        ManifestError: when ``path`` holds no finished conversion.
+    """
+    location = Location(path, endpoint_url)
+    return manifest_columns(load_manifest(location), location.display(MANIFEST_NAME))
+
+
+def require_columns(
+    path: str, needed: Sequence[str], endpoint_url: str | None = None, *, reader: str = "this reader"
+) -> dict[str, ColumnSpec]:
+    """Check that the shard set at ``path`` has every column of ``needed``; return all its columns.
+
+    Args:
+        reader: who needs the columns, for the message (e.g. ``"suite 'mask_consistency'"``).
+
+    Raises:
+        MissingColumnError: naming the missing column(s), the shard directory and the columns it has.
+    """
+    columns = shard_columns(path, endpoint_url)
+    missing = [name for name in needed if name not in columns]
+    if missing:
+        raise MissingColumnError(
+            f"{reader} reads column(s) {missing} that the shards at {Location(path, endpoint_url).display()} do not "
+            f"have (they have {list(columns)}; masks are added by prepare_data's source.masks option)"
+        )
+    return columns

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
+from robustfm.data.columns import ColumnSpec
 from robustfm.data.shards import Location, exists, read_bytes
 from robustfm.registry import Registry
 
@@ -53,6 +54,9 @@ class SourceItem:
     label: int
     class_name: str
     captions: tuple[str, ...] = ()
+    extra: tuple[tuple[str, str | float | int], ...] = ()
+    """Values of the listing's extra columns (``SourceListing.columns``), as (name, value) pairs: for ``image`` and
+    ``mask`` columns a path relative to the root (the converter reads and checks the file), else the value."""
 
 
 @dataclass
@@ -68,6 +72,9 @@ class SourceListing:
     splits: dict[str, list[SourceItem]] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
     """Files dropped while listing: ``{"split", "path", "reason", "detail"}``."""
+    columns: dict[str, ColumnSpec] = field(default_factory=dict)
+    """Extra (schema-v2) columns every item provides through ``SourceItem.extra``: 2AFC triplets' ``left`` and
+    ``right`` images, group keys, judgements. The three built-in layouts have none."""
 
 
 def _info(fs: pafs.FileSystem, path: str) -> pafs.FileInfo:

@@ -1,7 +1,8 @@
 """Evaluation suites run by Ray Data actor pools, with metrics that carry their direction and protocol.
 
-Each suite is registered in :data:`SUITES` (lazily: listing names imports nothing heavy) and declares its data, its
-scoring actor class, its aggregation and the direction of every metric (:class:`robustfm.evals.suite.Suite`).
+Each suite is one module of ``robustfm/evals/suites/`` that registers itself in :data:`SUITES` with its config class
+(modules are imported on the first lookup; they import numpy, never torch or ray at import time) and declares its
+data, its scoring actor class, its aggregation and the direction of every metric (:class:`robustfm.evals.suite.Suite`).
 
 Usage::
 
@@ -18,27 +19,9 @@ from typing import Any
 
 from robustfm.registry import Registry
 
-SUITES: Registry[Any] = Registry("evaluation suite")
-SUITES.register_lazy(
-    "corruption_detection",
-    "robustfm.evals.suites.corruption_detection:CorruptionDetectionSuite",
-    description="clean-vs-corrupted detection: zero-shot prompts and a linear probe (CG-CLIP)",
-)
-SUITES.register_lazy(
-    "zero_shot",
-    "robustfm.evals.suites.zero_shot:ZeroShotSuite",
-    description="zero-shot top-1/top-5, clean and under corruptions and perturbations",
-)
-SUITES.register_lazy(
-    "embedding_robustness",
-    "robustfm.evals.suites.embedding_robustness:EmbeddingRobustnessSuite",
-    description="mean/worst cosine and DivergenceRadius over perturbation sweeps (paper 004)",
-)
-SUITES.register_lazy(
-    "retrieval",
-    "robustfm.evals.suites.retrieval:RetrievalSuite",
-    description="image-to-text and text-to-image Recall@K on COCO-style captions",
-)
+SUITES: Registry[Any] = Registry("evaluation suite", discover="robustfm.evals.suites")
+"""Every module of ``robustfm/evals/suites/`` registers its suite with its config class (meta ``config``): adding a
+suite is adding one file there."""
 
 
 def run_suite(*args: Any, **kwargs: Any) -> Any:

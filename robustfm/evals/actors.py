@@ -4,14 +4,20 @@ Ray Data runs it with ``map_batches(ActorClass, compute=ActorPoolStrategy(min_si
 the model once in ``__init__`` and then receives numpy batches of shard rows. The output schema of a suite is fixed
 (:meth:`ScoringActor.output_fields`), and rows whose image cannot be decoded come back as placeholder rows with
 ``status`` set to the skip reason, so that the driver counts them exactly.
+
+Most scorers only embed images and run under ``torch.inference_mode``. A scorer that differentiates through the
+model (an attack, a relevance map) declares :attr:`ScoringActor.needs_gradients`: it runs without inference mode
+(tensors made under it can never enter autograd), with the model in eval mode and its parameters frozen (gradients
+reach the inputs only), in fp32 unless the pool asks for bf16 autocast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -34,7 +40,12 @@ class ScoringActor(ABC):
         device: ``cpu`` or ``cuda``.
         crash_once_marker: fault injection for tests: the first actor to find this path absent creates it and kills
             its own process (``os._exit``) on its first batch, so Ray must restart it and retry the batch.
+        gradient_precision: for scorers that need gradients: ``fp32`` (default) or ``bf16`` autocast around
+            :meth:`score` (the model's weights stay fp32).
     """
+
+    needs_gradients: ClassVar[bool] = False
+    """True for scorers that differentiate through the model (attacks, relevance maps); see the module docstring."""
 
     def __init__(
         self,
@@ -44,6 +55,7 @@ class ScoringActor(ABC):
         threads: int = 1,
         device: str = "cpu",
         crash_once_marker: str | None = None,
+        gradient_precision: Literal["fp32", "bf16"] = "fp32",
     ) -> None:
         import torch
 
@@ -51,11 +63,16 @@ class ScoringActor(ABC):
         self.device = torch.device(device)
         # A randomly initialized model (no weights) must be the same network in every actor of the pool.
         torch.manual_seed(seed)
-        self.model = model_ref.load().to(self.device)
+        self.model = model_ref.load().to(self.device).eval()
+        if self.needs_gradients:
+            self.model.float()
+            for parameter in self.model.parameters():
+                parameter.requires_grad_(False)
+        self.gradient_precision = gradient_precision
         self.params = dict(params)
         self.seed = seed
         self.crash_once_marker = crash_once_marker
-        with torch.inference_mode():
+        with self._scoring_mode():
             self.setup()
         self._fields = {"id": (object, ()), "status": (object, ()), "actor_pid": (np.int64, ()), **self.output_fields()}
 
@@ -88,6 +105,16 @@ class ScoringActor(ABC):
             return
         os._exit(1)
 
+    def _scoring_mode(self) -> contextlib.AbstractContextManager:
+        """Inference mode for embedding scorers; for gradient scorers autograd stays on (bf16 autocast if asked)."""
+        import torch
+
+        if not self.needs_gradients:
+            return torch.inference_mode()
+        if self.gradient_precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def encode_images(self, pixels: Any) -> Any:
         """L2-normalized float32 image embeddings of a pixel batch."""
         return self.model.encode_image(pixels, normalize=True).float()
@@ -103,7 +130,7 @@ class ScoringActor(ABC):
         if good:
             subset = {key: np.asarray(values)[good] for key, values in batch.items() if key != "image"}
             subset["id"] = np.asarray([ids[i] for i in good], dtype=object)
-            with torch.inference_mode():
+            with self._scoring_mode():
                 rows = self.score(subset, torch.from_numpy(pixels).to(self.device))
         rows.extend({"id": ids[i], "status": reason} for i, reason in enumerate(reasons) if reason is not None)
         for row in rows:

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from robustfm.data.transforms import EVAL_PREPROCESSING, eval_image
 from robustfm.evals.config import EvalDataConfig
 from robustfm.seeding import sample_seed
 
-PREPROCESSING = (
-    "decode RGB (EXIF-upright) -> resize shorter side to the model's image_size (bicubic) -> center crop -> [0,1]"
-)
+PREPROCESSING = EVAL_PREPROCESSING
+"""The eval preprocessing the protocol records: the one of :func:`robustfm.data.transforms.eval_image`."""
 SYNTHETIC_CLASSES = ("cat", "dog", "car", "tree", "boat", "house", "bird", "flower", "chair", "clock")
 _COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 _PLACES = ("on a table", "in a field", "near the sea", "in a city", "in the snow")
@@ -58,7 +58,7 @@ def synthetic_rows(data: EvalDataConfig, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-def load_eval_dataset(data: EvalDataConfig, seed: int, columns: Sequence[str]) -> Any:
+def load_eval_dataset(data: EvalDataConfig, seed: int, columns: Sequence[str], reader: str = "this suite") -> Any:
     """A ``ray.data.Dataset`` of the rows to score, restricted to ``columns`` (``id`` and ``image`` always).
 
     ``max_samples`` keeps the first N rows by id, so the same ids are scored whatever the shard layout.
@@ -73,11 +73,10 @@ def load_eval_dataset(data: EvalDataConfig, seed: int, columns: Sequence[str]) -
         # Several blocks, so that an actor pool has batches to share even on tiny data.
         blocks = max(1, min(len(rows), 8))
         return ray.data.from_items([{k: r[k] for k in wanted} for r in rows], override_num_blocks=blocks)
-    from robustfm.data import open_shards, shard_schema
+    from robustfm.data import open_shards
+    from robustfm.data.shards import require_columns
 
-    missing = [c for c in wanted if c not in shard_schema().names]
-    if missing:
-        raise ValueError(f"shards {data.shards!r} (split {data.split!r}) lack column(s) {missing} this suite needs")
+    require_columns(data.shards, wanted, reader=reader)  # the shards' own columns (schema v2 declares extra ones)
     dataset = open_shards(data.shards, data.split, columns=wanted)
     if data.max_samples is not None:
         # The first N ids are found from the id column alone; a Ray Data sort would move every image's bytes.
@@ -88,31 +87,30 @@ def load_eval_dataset(data: EvalDataConfig, seed: int, columns: Sequence[str]) -
 
 
 def eval_transform(image: Any, size: int) -> np.ndarray:
-    """A PIL RGB image -> float32 [3, size, size] in [0, 1] (shorter side resized bicubic, then center crop)."""
-    from PIL import Image
+    """A PIL RGB image -> float32 [3, size, size] in [0, 1] by the shared eval preprocessing (:data:`PREPROCESSING`).
 
-    width, height = image.size
-    scale = size / min(width, height)
-    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
-    left = (resized.width - size) // 2
-    top = (resized.height - size) // 2
-    cropped = resized.crop((left, top, left + size, top + size))
-    return np.asarray(cropped, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    Encoded bytes should go through :func:`decode_batch` (or :func:`robustfm.data.transforms.eval_image`) instead:
+    the same transform, with the reduced-scale JPEG decode that training-side validation uses too.
+    """
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG", compress_level=0)  # lossless: the pixels are unchanged
+    return eval_image(buffer.getvalue(), size)
 
 
 def decode_batch(encoded: Sequence[bytes], ids: Sequence[str], size: int) -> tuple[np.ndarray, list[str | None]]:
-    """Decode a batch of encoded images.
+    """Decode a batch of encoded images with the shared eval preprocessing (:data:`PREPROCESSING`): the pixels
+    are those ``ShardBatchSource(train=False)`` gives for the same bytes.
 
     Returns:
         ``pixels`` [n_ok, 3, size, size] of the decodable images (in order), and per input row ``None`` when it
         decoded or the skip reason (``robustfm.data.images.SkipReason``) when it did not.
     """
-    from robustfm.data.images import ImageDecodeError, load_rgb
+    from robustfm.data.images import ImageDecodeError
 
     pixels, reasons = [], []
     for data, sample_id in zip(encoded, ids, strict=True):
         try:
-            pixels.append(eval_transform(load_rgb(bytes(data), name=f"sample {sample_id}"), size))
+            pixels.append(eval_image(bytes(data), size, name=f"sample {sample_id}"))
             reasons.append(None)
         except ImageDecodeError as err:
             reasons.append(err.reason)

@@ -8,7 +8,7 @@ Evaluation reads a checkpoint or exported weights, never a live trainer. The ``-
 ``open_clip/ViT-B-32@openai``               a registered name with a pretrained tag (needs the hub or its cache)
 ``open_clip/ViT-B-32@/ckpt/model.safetensors``  a registered architecture with local weights (safetensors or torch file)
 ``/runs/x/export/model.safetensors``        exported weights; the architecture is read from the file's metadata
-                                            (``model_name``, or ``format`` + ``arch`` as ``robustfm.methods.export``
+                                            (``model_name``, or ``format`` + ``arch`` as ``robustfm.models.export``
                                             writes them) or a ``resolved_config.yaml`` beside it or one level up
 ``/runs/x/checkpoint_dir``                  a directory holding one ``*.safetensors`` file, resolved as above
 ==========================================  ===========================================================================
@@ -125,7 +125,7 @@ def _architecture_of(weights: Path) -> str:
             metadata = handle.metadata() or {}
         if metadata.get(MODEL_NAME_METADATA_KEY):
             return metadata[MODEL_NAME_METADATA_KEY]
-        if metadata.get("format") and metadata.get("arch"):  # robustfm.methods.export writes the family and arch
+        if metadata.get("format") and metadata.get("arch"):  # robustfm.models.export writes the family and arch
             return f"{metadata['format']}/{metadata['arch']}"
     for directory in (weights.parent, weights.parent.parent):
         for candidate in ("model.json", "resolved_config.yaml"):

@@ -31,6 +31,7 @@ from robustfm.evals.metrics import Direction
 from robustfm.evals.model_ref import ModelRef, parse_model_ref
 from robustfm.evals.protocol import build_protocol
 from robustfm.evals.suite import Plot, Suite
+from robustfm.tracking.base import NullTracker
 
 
 @dataclass
@@ -90,9 +91,9 @@ def score_rows(
     # Datasets capture the current context when they are created: set the wait before, restore it after.
     context.wait_for_min_actors_s = pool.wait_for_min_actors_s or -1
     try:
-        dataset = load_eval_dataset(suite.data, cfg.seed, suite.columns)
+        dataset = suite.shape_dataset(load_eval_dataset(suite.data, cfg.seed, suite.columns, f"suite {suite.name!r}"))
         params = suite.scorer_params(dataset)
-        scored = dataset.select_columns(["id", "image", *suite.columns]).map_batches(
+        scored = dataset.map_batches(
             suite.scorer,
             fn_constructor_kwargs={
                 "model_ref": model_ref,
@@ -101,6 +102,7 @@ def score_rows(
                 "threads": pool.threads,
                 "device": "cuda" if pool.num_gpus > 0 else "cpu",
                 "crash_once_marker": crash_once_marker,
+                "gradient_precision": pool.gradient_precision,
             },
             batch_size=pool.batch_size,
             batch_format="numpy",
@@ -186,8 +188,7 @@ def run_suite(
         rows=rows if keep_rows else None,
     )
     write_artifacts(result)
-    if tracker is not None:
-        result.run_id = log_result(result, tracker, parent_run_id)
+    result.run_id = log_result(result, tracker or NullTracker(), parent_run_id) or None
     result.seconds = {"scoring": scored_s, "total": time.perf_counter() - started}
     return result
 

@@ -1,7 +1,9 @@
 """What a suite is: its data, its scoring actor class, its aggregation and the direction of every metric.
 
-A suite subclass is registered in ``robustfm.evals.SUITES``; :func:`robustfm.evals.runner.run_suite` runs any of them
-the same way (Ray Data actor pool -> rows on the driver -> :meth:`Suite.aggregate` -> protocol, artifacts, MLflow).
+A suite subclass is registered in ``robustfm.evals.SUITES`` together with its config class (``@SUITES.register(name,
+config=...)`` in its own module under ``robustfm/evals/suites/``); :func:`robustfm.evals.runner.run_suite` runs any
+of them the same way: data (shaped by :meth:`Suite.shape_dataset`) -> Ray Data actor pool -> rows on the driver ->
+:meth:`Suite.aggregate` -> protocol, artifacts, MLflow.
 """
 
 from __future__ import annotations
@@ -52,18 +54,18 @@ class Suite(ABC):
     """One evaluation: subclasses set the class attributes and implement the three hooks.
 
     Args:
-        cfg: the evaluation config; the suite reads its own section (:attr:`config_section`).
+        cfg: the evaluation config; the suite reads its own section ``cfg.suites[name]`` (its registered config
+            class, which has a ``data`` field).
     """
 
     name: ClassVar[str]
     version: ClassVar[str]
     """Bumped whenever a change could move a number: results of different versions are not comparable."""
-    config_section: ClassVar[str]
-    """Attribute of :class:`EvalConfig` holding this suite's config (it has a ``data`` field)."""
     scorer: ClassVar[type[ScoringActor]]
-    """The per-batch scoring actor class."""
+    """The per-batch scoring actor class (``scorer.needs_gradients`` declares an attack or relevance scorer)."""
     columns: ClassVar[tuple[str, ...]] = ()
-    """Data columns the scorer reads besides ``id`` and ``image``."""
+    """Shard columns the suite reads besides ``id`` and ``image``; checked against the shards' own columns before
+    anything is scored."""
     sort_keys: ClassVar[tuple[str, ...]] = ("id",)
     """Output columns that order the scored rows before aggregation (results never depend on batch order)."""
     metric_specs: ClassVar[tuple[MetricSpec, ...]]
@@ -71,7 +73,7 @@ class Suite(ABC):
 
     def __init__(self, cfg: EvalConfig) -> None:
         self.cfg = cfg
-        self.section = getattr(cfg, self.config_section)
+        self.section = cfg.suites[self.name]
 
     @property
     def data(self) -> EvalDataConfig:
@@ -84,6 +86,12 @@ class Suite(ABC):
             if spec.name == family:
                 return spec
         raise KeyError(f"suite {self.name!r} reports undeclared metric family {family!r}")
+
+    def shape_dataset(self, dataset: Any) -> Any:
+        """Reshape the rows before scoring (a ``ray.data.Dataset`` of ``id``, ``image`` and :attr:`columns`), e.g.
+        gather the rows of a pair or triplet into one row. The result must keep an ``id`` column and an ``image``
+        column of encoded bytes (the scorer decodes it). Default: unchanged."""
+        return dataset
 
     def scorer_params(self, dataset: Any) -> dict[str, Any]:
         """Plain-data parameters handed to every actor (resolved names, prompts, class names...)."""
@@ -99,10 +107,19 @@ class Suite(ABC):
         """Metrics, table and plots from the scored rows (status ``ok`` only, sorted by :attr:`sort_keys`)."""
 
 
-def resolve_names(names: Sequence[str] | None, default: Sequence[str], registry: Any, what: str) -> list[str]:
-    """``names`` (or ``default`` when None), each checked against ``registry`` so typos fail before Ray starts."""
+def condition_name(edit: str, parameter: float | int) -> str:
+    """``gaussian_noise:3``, ``jpeg_quality:55``: the metric-key-safe name of one evaluation condition, shared by the
+    suites so that their per-condition metrics line up (zero-shot accuracy and embedding cosine at one value)."""
+    return f"{edit}:{parameter:g}"
+
+
+def resolve_names(
+    names: Sequence[str] | None, default: Sequence[str], registry: Any, what: str, *, allow_empty: bool = False
+) -> list[str]:
+    """``names`` (or ``default`` when None), each checked against ``registry`` so typos fail before Ray starts; an
+    empty selection is an error unless ``allow_empty`` (a suite that can run without any such condition)."""
     chosen = list(default if names is None else names)
-    if not chosen:
+    if not chosen and not allow_empty:
         raise ValueError(f"no {what} selected")
     for name in chosen:
         registry.check(name)

@@ -1,4 +1,7 @@
-"""Config sections for the ground-truth maps and the CG-CLIP corruption stages. Importing this imports no torch."""
+"""Config section of the ground-truth maps. Importing this imports no torch.
+
+(The corruption stage's config is :class:`robustfm.data.stage_config.CorruptionStageConfig`.)
+"""
 
 from __future__ import annotations
 
@@ -57,27 +60,4 @@ class GTMapConfig:
         check(self.max_actors >= self.min_actors, "max_actors", self.max_actors, "must be >= min_actors")
         check(self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")
         check(self.num_cpus > 0, "num_cpus", self.num_cpus, "must be > 0")
-        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
-
-
-@dataclass(frozen=True)
-class CorruptionStageConfig:
-    """Which corruption each CG-CLIP training row gets (drawn per sample and epoch from ``run_seed``)."""
-
-    corruption_set: str = "seen"
-    """A ``robustfm.corruptions.CORRUPTION_SETS`` name (``seen``, ``unseen``, ``imagenet_c``, ``all``) or a
-    comma-separated list of corruption names."""
-    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
-    """Severities drawn uniformly per sample (CG-CLIP: 1..5)."""
-    batch_size: int = 64
-    """Rows per corruption task (tasks run on CPU)."""
-
-    def __post_init__(self) -> None:
-        check(bool(self.corruption_set), "corruption_set", self.corruption_set, "must name a set or corruptions")
-        check(
-            len(self.severities) > 0 and all(1 <= s <= 5 for s in self.severities),
-            "severities",
-            self.severities,
-            "must be a non-empty list of severities among 1..5",
-        )
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")

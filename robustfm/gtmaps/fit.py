@@ -8,7 +8,7 @@ How the registry defaults were fitted (``python -m robustfm.gtmaps.fit``): the b
 astronaut, chelsea, coffee, rocket, hubble_deep_field, immunohistochemistry, retina) resized to 224 px, each
 corrupted with every CG-CLIP "seen" corruption at severities 1-5 (robustfm.corruptions, per-sample seeds), raw maps
 over the default layers 1..5, quantile 0.99 over all pixels. For ``vgg16_l1`` the network was the only real VGG-16
-that can be had offline, HED's (ImageNet VGG-16 fine-tuned for edges; :mod:`robustfm.testing.hed_vgg`). Another
+that can be had offline, HED's (ImageNet VGG-16 fine-tuned for edges; :mod:`robustfm.gtmaps.hed`). Another
 network (torchvision's ``IMAGENET1K_V1``), other layers or another corruption mix change the raw magnitudes: refit
 with ``python -m robustfm.gtmaps.fit --weights IMAGENET1K_V1`` and set ``gt_map.scale`` to the printed value.
 """
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     weights = args.weights
     if weights == "hed":
-        from robustfm.testing.hed_vgg import CONVERTED_NAME, default_cache_dir, load_hed_vgg16_state_dict
+        from robustfm.gtmaps.hed import CONVERTED_NAME, default_cache_dir, load_hed_vgg16_state_dict
 
         load_hed_vgg16_state_dict()
         weights = str(default_cache_dir() / CONVERTED_NAME)

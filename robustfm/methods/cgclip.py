@@ -19,11 +19,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from robustfm.config import ModelConfig
+from robustfm.config import ConfigError, ModelConfig
 from robustfm.methods.cgclip_config import CGClipConfig
 from robustfm.methods.losses import contrastive_loss, corruption_map_loss
 from robustfm.models.clip import ClipModel
 from robustfm.models.corruption_decoder import DEFAULT_DECODER_CHANNELS, CorruptionDecoder, decoder_tap_blocks
+from robustfm.train.task import StageSpec, refuse_stage_settings
 
 CGCLIP_LOSSES = ("contrastive", "corruption")
 CGCLIP_PARAM_GROUPS = ("image_encoder", "text_encoder", "decoder")
@@ -80,8 +81,9 @@ class CGClipModel(nn.Module):
 class CGClipTask(nn.Module):
     """CG-CLIP's losses on ``{"image", "corrupted", "map"}`` batches (the engine's Task protocol).
 
-    ``active_losses`` (set by the engine before each stage) names the losses to compute: without ``corruption`` the
-    decoder is not run at all (Adapt), without ``contrastive`` the text tower is not run (Isolate).
+    ``active_losses`` (recorded by :meth:`configure_stage`, which the engine calls before each stage) names the losses
+    to compute: without ``corruption`` the decoder is not run at all (Adapt), without ``contrastive`` the text tower
+    is not run (Isolate).
 
     Args:
         model: the CLIP backbone with its decoder.
@@ -99,6 +101,20 @@ class CGClipTask(nn.Module):
         if self.config.logit_scale_init is not None:
             with torch.no_grad():
                 model.clip.logit_scale.fill_(math.log(self.config.logit_scale_init))
+
+    needs: frozenset[str] = frozenset()  # one plain backward: every strategy trains it
+
+    def configure_stage(self, stage: StageSpec) -> None:
+        """Record the stage's active losses; CG-CLIP has no per-stage settings.
+
+        Raises:
+            ConfigError: for a stage setting, or a weighted loss that CG-CLIP does not compute.
+        """
+        refuse_stage_settings(stage, "cgclip")
+        unknown = sorted(stage.active_losses - set(CGCLIP_LOSSES))
+        if unknown:
+            raise ConfigError(f"stages.{stage.name}.loss_weights", f"{unknown} are not CG-CLIP losses {CGCLIP_LOSSES}")
+        self.active_losses = stage.active_losses
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """``image_encoder`` and ``text_encoder`` (with the temperature) of CLIP, and the ``decoder``."""

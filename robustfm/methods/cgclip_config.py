@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from robustfm.config import check
+from robustfm.methods import METHODS
 
 
 @dataclass(frozen=True)
@@ -75,3 +76,14 @@ class CGClipConfig:
             self.logit_scale_init,
             "must be a positive number (the multiplier 1/tau, e.g. 100) or null",
         )
+
+
+METHODS.register_lazy(
+    "cgclip",
+    "robustfm.methods.cgclip:build_cgclip_task",
+    losses=("contrastive", "corruption"),
+    param_groups=("image_encoder", "text_encoder", "decoder"),
+    needs=(),
+    config=CGClipConfig,
+    description="CG-CLIP (paper 000): CLIP + U-Net corruption decoder, contrastive + BCE losses",
+)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,9 @@ from robustfm.models.weights import (
     strip_prefix,
 )
 from robustfm.registry import UnknownNameError, did_you_mean
+
+if TYPE_CHECKING:
+    from robustfm.models.attention import AttentionAdapter
 
 #: JSON architecture configs shipped with robustfm, registered with open_clip like its own (``add_model_config``).
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -148,6 +151,13 @@ class ClipModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass of both towers (less memory, ~30% more compute)."""
         self.clip.set_grad_checkpointing(enable)
+
+    def attention_adapter(self) -> AttentionAdapter:
+        """The image tower's attention for :func:`robustfm.models.attention.attention_taps` (ValueError if not a ViT
+        of open_clip ResidualAttentionBlocks)."""
+        from robustfm.models.attention_openclip import openclip_attention_adapter
+
+        return openclip_attention_adapter(self)
 
     def image_parameters(self) -> list[nn.Parameter]:
         """Parameters of the image tower."""

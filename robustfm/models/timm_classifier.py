@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,9 @@ from robustfm.models.weights import (
     strip_prefix,
 )
 from robustfm.registry import UnknownNameError, did_you_mean
+
+if TYPE_CHECKING:
+    from robustfm.models.attention import AttentionAdapter
 
 #: robustfm's tiny timm architectures: robustfm name -> the timm entrypoint registered in robustfm.models.tiny_timm.
 TINY_TIMM_ARCHS = {"tiny-vit": "robustfm_tiny_vit"}
@@ -114,6 +117,13 @@ class TimmClassifier(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass (less memory, more compute)."""
         self.model.set_grad_checkpointing(enable)
+
+    def attention_adapter(self) -> AttentionAdapter:
+        """The model's attention for :func:`robustfm.models.attention.attention_taps` (ValueError if it is not a timm
+        VisionTransformer with timm Attention blocks)."""
+        from robustfm.models.attention_timm import timm_attention_adapter
+
+        return timm_attention_adapter(self)
 
     def extra_repr(self) -> str:
         return (

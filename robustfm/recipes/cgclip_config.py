@@ -8,9 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from robustfm.config import ModelConfig, RayConfig, TrackingConfig, check
-from robustfm.evals.config import EvalConfig
-from robustfm.gtmaps.config import CorruptionStageConfig, GTMapConfig
+from robustfm.data.stage_config import CorruptionStageConfig
+from robustfm.gtmaps.config import GTMapConfig
 from robustfm.methods.cgclip_config import CGClipConfig
+from robustfm.recipes import RECIPES
+from robustfm.recipes.kit_config import ExportConfig, MilestoneEvalConfig, missing_inputs
 from robustfm.train.config import TrainConfig
 
 PAPER_CURRICULUM = ("adapt", "isolate", "tune")
@@ -64,44 +66,6 @@ class CGClipDataConfig:
 
 
 @dataclass(frozen=True)
-class MilestoneEvalConfig:
-    """What is measured at each milestone (pretrained, after each stage) and on the WiSE-FT sweep."""
-
-    enabled: bool = True
-    """Evaluate at milestones (the final evaluation always runs)."""
-    suites: tuple[str, ...] = ("corruption_detection", "zero_shot")
-    """Suites at each milestone: detection (the paper's metric) and zero-shot accuracy (what CLIP already knew)."""
-    tsne: bool = True
-    """Save a t-SNE PNG of clean vs corrupted image embeddings at each milestone."""
-    tsne_samples: int = 256
-    """Images (each clean and corrupted) in the t-SNE plot."""
-    suite_config: EvalConfig = field(default_factory=EvalConfig)
-    """Settings shared by the suites (data is filled in from ``data`` when a suite's ``data.shards`` is null)."""
-
-    def __post_init__(self) -> None:
-        from robustfm.evals import SUITES
-
-        for name in self.suites:
-            try:
-                SUITES.check(name)
-            except KeyError as err:
-                check(False, "suites", name, str(err))
-        check(self.tsne_samples >= 8, "tsne_samples", self.tsne_samples, "must be >= 8")
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """The exported model: the image (and text) tower without the decoder, and WiSE-FT mixes."""
-
-    wise_ft_alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    """Mixing coefficients between the pretrained (0) and the fine-tuned (1) image tower; each is exported and
-    evaluated, and detection AUROC is plotted against zero-shot retention. Empty: export the fine-tuned tower only."""
-
-    def __post_init__(self) -> None:
-        check(all(0 <= a <= 1 for a in self.wise_ft_alphas), "wise_ft_alphas", self.wise_ft_alphas, "must be in [0, 1]")
-
-
-@dataclass(frozen=True)
 class CGClipRecipeConfig:
     """``jobs/cgclip.py``: CG-CLIP (paper 000) with its Adapt-Isolate-Tune curriculum."""
 
@@ -122,7 +86,10 @@ class CGClipRecipeConfig:
     curriculum: tuple[str, ...] = PAPER_CURRICULUM
     """Stages of ``train.stages`` to run, in order: Adapt-Isolate-Tune, or an ablation (``[adapt]`` = FLYP only,
     ``[joint]``, ``[adapt, tune]`` = without Isolate, ``[adapt, isolate]`` = without Tune)."""
-    eval: MilestoneEvalConfig = field(default_factory=MilestoneEvalConfig)
+    eval: MilestoneEvalConfig = field(
+        default_factory=lambda: MilestoneEvalConfig(suites=("corruption_detection", "zero_shot"))
+    )
+    """Detection (the paper's metric) and zero-shot accuracy (what CLIP already knew) at every milestone."""
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
@@ -148,34 +115,22 @@ class CGClipRecipeConfig:
 
 
 def check_paths(cfg: CGClipRecipeConfig) -> list[str]:
-    """Local paths the run needs that do not exist, and splits their manifests lack, as ``field: message`` lines
-    (S3 paths are checked by the run)."""
-    import json
-    from pathlib import Path
-
+    """Local inputs the run needs and lacks (shards, their splits, weights files), as ``field: message`` lines."""
     data = cfg.data
-    problems = []
-    for field_name, path, split_fields in (
-        ("data.shards", data.shards, {"data.train_split": data.train_split, "data.eval_split": data.eval_split}),
-        ("data.ood_shards", data.ood_shards, {"data.ood_split": data.ood_split}),
-    ):
-        if path is None or path.startswith("s3://"):
-            continue
-        manifest = Path(path) / "manifest.json"
-        if not manifest.is_file():
-            problems.append(
-                f"{field_name}: no shards at {path!r} (expected {path}/manifest.json, written by jobs/prepare_data.py)"
-            )
-            continue
-        splits = sorted(json.loads(manifest.read_text()).get("splits", {}))
-        for split_field, split in split_fields.items():
-            if split not in splits:
-                problems.append(f"{split_field}: no split {split!r} in {path} (its splits: {', '.join(splits)})")
-    for field_name, path in (
-        ("model.pretrained", cfg.model.pretrained),
-        ("data.gt_map.weights", cfg.data.gt_map.weights),
-    ):
-        looks_like_path = path is not None and ("/" in path or path.endswith((".safetensors", ".pt", ".pth")))
-        if looks_like_path and not path.startswith("s3://") and not Path(path).is_file():
-            problems.append(f"{field_name}: weights file {path!r} does not exist")
-    return problems
+    return missing_inputs(
+        {
+            "data.shards": (data.shards, {"data.train_split": data.train_split, "data.eval_split": data.eval_split}),
+            "data.ood_shards": (data.ood_shards, {"data.ood_split": data.ood_split}),
+        },
+        {"model.pretrained": cfg.model.pretrained, "data.gt_map.weights": data.gt_map.weights},
+    )
+
+
+RECIPES.register_lazy(
+    "cgclip",
+    "robustfm.recipes.cgclip:run",
+    config=CGClipRecipeConfig,
+    default_config="configs/cgclip/demo.yaml",
+    sweep="robustfm.recipes.cgclip:SWEEP",
+    description="CG-CLIP (paper 000): Adapt-Isolate-Tune with a corruption decoder",
+)

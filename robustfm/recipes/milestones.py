@@ -13,21 +13,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from robustfm.evals.config import EvalConfig, EvalDataConfig
+from robustfm.evals.config import EvalConfig
 
 
 def with_eval_data(cfg: EvalConfig, shards: str, split: str, max_samples: int | None) -> EvalConfig:
     """Point every suite whose ``data.shards`` is unset at ``shards``/``split`` (suites keep explicit settings)."""
-    changes = {}
-    for field in dataclasses.fields(cfg):
-        section = getattr(cfg, field.name)
-        data = getattr(section, "data", None)
-        if isinstance(data, EvalDataConfig) and data.shards is None:
+    suites = dict(cfg.suites)
+    for name, section in cfg.suites.items():
+        data = section.data
+        if data.shards is None:
             limit = data.max_samples if data.max_samples is not None else max_samples
-            changes[field.name] = dataclasses.replace(
+            suites[name] = dataclasses.replace(
                 section, data=dataclasses.replace(data, shards=shards, split=split, max_samples=limit)
             )
-    return dataclasses.replace(cfg, **changes)
+    return dataclasses.replace(cfg, suites=type(cfg.suites)(suites))
 
 
 def embeddings_of(model: Any, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:

@@ -27,12 +27,23 @@ from pathlib import Path
 from typing import Any
 
 from robustfm.config import ConfigError, flatten, load_config, replace_path, to_dict
-from robustfm.sweeps.recipes import EPOCH_KEY, REPO_ROOT, SWEEPABLE_RECIPES
+from robustfm.registry import import_target
+from robustfm.sweeps.recipes import EPOCH_KEY, REPO_ROOT, SweepableRecipe
 from robustfm.sweeps.space import SweepSpace, check_space_against, load_space
 
 logger = logging.getLogger("robustfm.sweeps")
 TRIAL_CPUS = 0.05
 """CPUs a trial function reserves: it only drives its TorchTrainer, whose workers reserve their own resources."""
+
+
+def sweep_adapter(recipe: str) -> SweepableRecipe:
+    """The sweep adapter a recipe registered next to itself (``RECIPES`` meta ``sweep``)."""
+    from robustfm.recipes import RECIPES
+
+    target = RECIPES.meta(recipe).get("sweep")  # an unknown recipe raises with a "did you mean"
+    if target is None:
+        raise ConfigError("recipe", f"recipe {recipe!r} registers no sweep adapter: it cannot be swept")
+    return import_target(target) if isinstance(target, str) else target
 
 
 @dataclass(frozen=True)
@@ -83,12 +94,12 @@ def plan_sweep(
         space = dataclasses.replace(space, init_weights=str(Path(init_weights).resolve()))
     if space.recipe != recipe:
         raise ConfigError("recipe", f"{space_path} is a space for {space.recipe!r}, not {recipe!r}")
-    adapter = SWEEPABLE_RECIPES.get(recipe)
+    adapter = sweep_adapter(recipe)
     if space.metric not in adapter.metrics:
         raise ConfigError("metric", f"{space.metric!r} is not reported by {recipe} (one of {sorted(adapter.metrics)})")
     if space.mode != adapter.metrics[space.metric]:
         raise ConfigError("mode", f"{space.metric} is better when {adapter.metrics[space.metric]}, not {space.mode}")
-    base_path = REPO_ROOT / space.base_config if space.base_config else adapter.default_config
+    base_path = REPO_ROOT / (space.base_config or adapter.default_config)
     if not base_path.is_file():
         raise ConfigError("base_config", f"{base_path} does not exist (paths are relative to the repository root)")
     base = load_config(adapter.config_class, base_path, [*space.overrides, *overrides])
@@ -112,8 +123,6 @@ class TrialSetup:
     init_weights: str | None
     sweep_name: str
     metric: str
-    tracking_uri: str | None
-    """Only an HTTP tracking server: the trial's Train run then logs its stage runs there itself."""
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
@@ -132,26 +141,18 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     for path, value in config.items():
         cfg = replace_path(cfg, path, value)
     trial_id = tune.get_context().get_trial_id()
-    adapter = SWEEPABLE_RECIPES.get(setup.recipe)
-    adapter.train_trial(
-        cfg,
-        setup.stages,
-        setup.init_weights,
-        f"{setup.sweep_name}-{trial_id}",
-        [EpochResults()],
-        setup.tracking_uri,
-        None,
-    )
+    adapter = sweep_adapter(setup.recipe)
+    adapter.train_trial(cfg, setup.stages, setup.init_weights, f"{setup.sweep_name}-{trial_id}", [EpochResults()])
 
 
 def run_sweep(plan: SweepPlan) -> SweepResult:
     """Run (or resume) the sweep on the Ray the caller started; print and log the best trial."""
     from ray import tune
 
-    from robustfm.sweeps.tracking import PARENT_ID_FILE, SweepMlflowCallback, reopen_run, start_parent_run
     from robustfm.tracking import resolve_tracking_uri
+    from robustfm.tracking.sweep import PARENT_ID_FILE, SweepMlflowCallback, reopen_run, start_parent_run
 
-    space, adapter = plan.space, SWEEPABLE_RECIPES.get(plan.recipe)
+    space, adapter = plan.space, sweep_adapter(plan.recipe)
     base = adapter.prepare(plan.base)
     uri = resolve_tracking_uri(base.tracking)
     plan.experiment_dir.mkdir(parents=True, exist_ok=True)
@@ -167,15 +168,7 @@ def run_sweep(plan: SweepPlan) -> SweepResult:
                 uri, base.tracking.experiment, plan.name, params, {"sweep": "true", "recipe": plan.recipe}
             )
             parent_file.write_text(parent_run_id)
-    setup = TrialSetup(
-        plan.recipe,
-        base,
-        plan.stages,
-        space.init_weights,
-        plan.name,
-        space.metric,
-        uri if uri is not None and uri.startswith(("http://", "https://")) else None,
-    )
+    setup = TrialSetup(plan.recipe, base, plan.stages, space.init_weights, plan.name, space.metric)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": TRIAL_CPUS})
     if tune.Tuner.can_restore(str(plan.experiment_dir)):
         logger.info("resuming the sweep in %s", plan.experiment_dir)
@@ -241,7 +234,7 @@ def _interrupted(plan: SweepPlan, grid: Any, ended: int, uri: str | None, parent
     """Tune returned early (it catches SIGINT, saves its state and returns): no best trial is claimed, the runs of
     the sweep are marked KILLED (a resume reopens them), and the command to resume is printed."""
     if parent_run_id is not None:
-        from robustfm.sweeps.tracking import mark_interrupted
+        from robustfm.tracking.sweep import mark_interrupted
 
         mark_interrupted(uri, parent_run_id)
     total = plan.space.total_trials()
@@ -279,7 +272,7 @@ def _summarize(plan: SweepPlan, grid: Any, uri: str | None, parent_run_id: str |
     summary = SweepResult(plan.experiment_dir, parent_run_id, best_id, dict(best.config), best_value, trials)
     (plan.experiment_dir / "best_trial.json").write_text(json.dumps(dataclasses.asdict(summary), indent=2, default=str))
     if parent_run_id is not None:
-        from robustfm.sweeps.tracking import finish_parent_run
+        from robustfm.tracking.sweep import finish_parent_run
 
         finish_parent_run(uri, parent_run_id, plan.name, best_id, best.config, metric, best_value)
     _print_summary(plan, summary)

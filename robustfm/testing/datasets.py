@@ -5,8 +5,8 @@ Every test and the CPU demo use these instead of downloads:
 - :func:`make_image_folder` — ``<root>/[<split>/]<class>/<image>``;
 - :func:`make_coco_tree` — ``train2017/``, ``val2017/``, ``annotations/instances_*.json`` and ``captions_*.json``;
 - :func:`make_imagenet_tree` — ``train/<wnid>/*.JPEG`` and ``val/`` (class folders or flat + ``LOC_val_solution.csv``);
-- :func:`write_demo_shards` — a small COCO-style set (real photos + generated shapes, with captions) converted to
-  shards by the same :func:`robustfm.data.prepare.run` that converts user data.
+- :func:`write_demo_shards` — the library's demo set (:mod:`robustfm.data.demo`: real photos + generated shapes,
+  with captions, optionally with exact masks) converted to shards by :func:`robustfm.data.prepare.run`.
 
 Generated images are class-dependent (shape and colour of the main object), so a tiny model can learn them; each
 builder returns a :class:`FixtureTree` that says what a correct conversion must find. With ``bad_files=True`` every
@@ -23,20 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from robustfm.testing.bad_files import BAD_FILE_KINDS, BAD_FILE_SKIP_REASON, write_bad_files
-from robustfm.testing.images import (
+from robustfm.data.demo import write_coco_source, write_demo_shards, write_json
+from robustfm.data.demo_images import (
     PHOTOS,
     class_name,
     class_style,
-    draw_shape,
     generated_image,
-    gradient_background,
+    generated_image_and_mask,
     real_photos,
     save_image,
+    save_mask,
     square_crop,
 )
+from robustfm.testing.bad_files import BAD_FILE_KINDS, BAD_FILE_SKIP_REASON, write_bad_files
 
 __all__ = [
     "BAD_FILE_KINDS",
@@ -45,6 +45,7 @@ __all__ = [
     "FixtureTree",
     "class_name",
     "generated_image",
+    "generated_image_and_mask",
     "make_coco_tree",
     "make_image_folder",
     "make_imagenet_tree",
@@ -74,6 +75,8 @@ class FixtureTree:
     only approximately)."""
     captions: dict[str, list[str]] = field(default_factory=dict)
     """Path relative to ``root`` -> captions (COCO only)."""
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    """Path relative to ``root`` -> the exact mask written for it (uint8 HW), when a mask tree was written."""
 
     def total(self, split: str) -> int:
         """Images of ``split`` that must end up in the shards."""
@@ -107,6 +110,8 @@ def make_image_folder(
     seed: int = 0,
     splits: Sequence[str] | None = None,
     with_photos: bool = False,
+    masks: str | Path | None = None,
+    masks_with_splits: bool = True,
 ) -> FixtureTree:
     """``<root>/<class>/<image>.jpg`` (or ``<root>/<split>/<class>/...`` when ``splits`` is given).
 
@@ -115,6 +120,10 @@ def make_image_folder(
         per_class: images per class and split.
         bad_files: add every :data:`BAD_FILE_KINDS` file to the first class of the first split.
         with_photos: add a class ``photo`` holding the scikit-image photos (one random crop each).
+        masks: write the exact foreground mask of every generated image under this root, mirroring the images
+            (``<masks>/[<split>/]<class>/<image>.png``; recorded in ``FixtureTree.masks``). Photos and bad files
+            get none.
+        masks_with_splits: with ``splits``, keep the split folder in the mask tree (else ``<masks>/<class>/...``).
     """
     root = Path(root)
     names = [class_name(k) for k in range(n_classes)] + (["photo"] if with_photos else [])
@@ -125,9 +134,13 @@ def make_image_folder(
         counts = tree.counts.setdefault(split, {})
         for k in range(n_classes):
             for i in range(per_class):
-                save_image(
-                    generated_image(k, size, int(rng.integers(2**31))), base / class_name(k) / f"img_{i:04d}.jpg"
-                )
+                pixels, mask = generated_image_and_mask(k, size, int(rng.integers(2**31)))
+                path = base / class_name(k) / f"img_{i:04d}.jpg"
+                save_image(pixels, path)
+                if masks is not None:
+                    inside = path.relative_to(base if splits and not masks_with_splits else root)
+                    save_mask(mask, Path(masks) / inside.with_suffix(".png"))
+                    tree.masks[path.relative_to(root).as_posix()] = mask
             counts[class_name(k)] = per_class
         if with_photos:
             import skimage.data
@@ -152,116 +165,59 @@ def make_coco_tree(
     n_shape_classes: int = 3,
     with_photos: bool = True,
     with_captions: bool = True,
+    masks: str | Path | None = None,
 ) -> FixtureTree:
-    """A COCO 2017-shaped tree: ``train2017/``, ``val2017/``, ``annotations/instances_{split}2017.json`` and
-    ``annotations/captions_{split}2017.json``.
-
-    Generated images hold a large shape of their class and a small shape of another class (so the label rule
-    "category of the largest object" is exercised); every third image is a random crop of a scikit-image photo
-    with one box covering most of it. Category ids are not contiguous, as in COCO. Each image has two captions.
-    """
-    root = Path(root)
-    shape_names = [class_name(k) for k in range(n_shape_classes)]
-    photo_categories = sorted({category for category, _ in PHOTOS.values()}) if with_photos else []
-    categories = [{"id": 3 * i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(shape_names)]
-    categories += [
-        {"id": 100 + 2 * i, "name": name, "supercategory": "photo"} for i, name in enumerate(photo_categories)
-    ]
-    category_id = {c["name"]: c["id"] for c in categories}
-    # Labels follow sorted category ids, so label order is the categories' id order.
-    tree = FixtureTree(
-        root=root, kind="coco", classes=tuple(c["name"] for c in sorted(categories, key=lambda c: c["id"]))
+    """A COCO 2017-shaped tree: :func:`robustfm.data.demo.write_coco_source` (the demo set's builder), plus with
+    ``bad_files`` every :data:`BAD_FILE_KINDS` file added to ``train2017`` and its annotations."""
+    source = write_coco_source(
+        root, n_images, n_val, size, seed, n_shape_classes, with_photos, with_captions, masks=masks
     )
-    rng = np.random.default_rng(seed)
-    photos = None
-    if with_photos:
-        import skimage.data
-
-        photos = {name: getattr(skimage.data, name)() for name in PHOTOS}
-    next_image_id, next_annotation_id = 1, 1
-    for split, count in (("train", n_images), ("val", n_val)):
-        folder = root / f"{split}2017"
-        folder.mkdir(parents=True, exist_ok=True)
-        images, annotations, captions = [], [], []
-        counts = tree.counts.setdefault(split, {})
-        for i in range(count):
-            image_id = next_image_id
-            next_image_id += 1
-            file_name = f"{image_id:012d}.jpg"
-            objects: list[tuple[str, list[float]]] = []
-            if photos is not None and i % 3 == 2:
-                name = list(PHOTOS)[(i // 3) % len(PHOTOS)]
-                category, caption = PHOTOS[name]
-                pixels = square_crop(photos[name], size, rng)
-                objects.append((category, [2.0, 2.0, size - 4.0, size - 4.0]))
-                texts = [caption, f"{caption}, cropped"]
-            else:
-                k = int(rng.integers(n_shape_classes))
-                other = (k + 1 + int(rng.integers(max(1, n_shape_classes - 1)))) % n_shape_classes
-                image = Image.fromarray(gradient_background((size, size), rng))
-                small = draw_shape(image, *class_style(other), rng, scale=(0.15, 0.25))
-                big = draw_shape(image, *class_style(k), rng, scale=(0.5, 0.75))
-                pixels = np.asarray(image)
-                objects += [(class_name(other), small), (class_name(k), big)]
-                shape, color = class_style(k)
-                texts = [f"a {color} {shape}", f"a picture of a {color} {shape} on a gradient"]
-            save_image(pixels, folder / file_name)
-            images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
-            for category, box in objects:
-                annotations.append(
-                    {
-                        "id": next_annotation_id,
-                        "image_id": image_id,
-                        "category_id": category_id[category],
-                        "bbox": box,
-                        "area": round(box[2] * box[3], 2),
-                        "iscrowd": 0,
-                    }
-                )
-                next_annotation_id += 1
-            for text in texts:
-                captions.append({"id": next_annotation_id, "image_id": image_id, "caption": text})
-                next_annotation_id += 1
-            largest = max(objects, key=lambda o: o[1][2] * o[1][3])[0]
-            counts[largest] = counts.get(largest, 0) + 1
-            tree.captions[f"{split}2017/{file_name}"] = texts
-        if bad_files and split == "train":
-            for kind, (path, expected) in write_bad_files(folder, size, seed, class_index=0).items():
-                image_id = next_image_id
-                next_image_id += 1
-                rel = path.relative_to(root).as_posix()
-                images.append({"id": image_id, "file_name": path.name, "width": size, "height": size})
-                annotations.append(
-                    {
-                        "id": next_annotation_id,
-                        "image_id": image_id,
-                        "category_id": category_id[class_name(0)],
-                        "bbox": [1.0, 1.0, 10.0, 10.0],
-                        "area": 100.0,
-                        "iscrowd": 0,
-                    }
-                )
-                next_annotation_id += 1
-                tree.bad_files[kind] = rel
-                if BAD_FILE_SKIP_REASON[kind] is None:
-                    tree.expected_rgb[rel] = expected  # type: ignore[assignment]
-                    counts[class_name(0)] = counts.get(class_name(0), 0) + 1
-                else:
-                    tree.skipped[rel] = BAD_FILE_SKIP_REASON[kind]  # type: ignore[assignment]
-        info = {"description": "robustfm fixture", "version": "1.0"}
-        instances = {"info": info, "images": images, "annotations": annotations, "categories": categories}
-        _write_json(root / "annotations" / f"instances_{split}2017.json", instances)
-        if with_captions:
-            _write_json(
-                root / "annotations" / f"captions_{split}2017.json",
-                {"info": info, "images": images, "annotations": captions},
-            )
+    tree = FixtureTree(
+        root=source.root, kind="coco", classes=source.classes, counts=source.counts, captions=source.captions
+    )
+    if bad_files:
+        _add_coco_bad_files(tree, size, seed, with_captions)
     return tree
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
+def _add_coco_bad_files(tree: FixtureTree, size: int, seed: int, with_captions: bool) -> None:
+    instances_path = tree.root / "annotations" / "instances_train2017.json"
+    instances = json.loads(instances_path.read_text())
+    first_class = next(c["id"] for c in instances["categories"] if c["name"] == class_name(0))
+    # Ids stay unique across both splits, as in COCO.
+    everything = [instances, json.loads((tree.root / "annotations" / "instances_val2017.json").read_text())]
+    next_image_id = 1 + max(im["id"] for data in everything for im in data["images"])
+    next_annotation_id = 1 + max((a["id"] for data in everything for a in data["annotations"]), default=0)
+    counts = tree.counts.setdefault("train", {})
+    new_images = []
+    for kind, (path, expected) in write_bad_files(tree.root / "train2017", size, seed, class_index=0).items():
+        rel = path.relative_to(tree.root).as_posix()
+        new_images.append({"id": next_image_id, "file_name": path.name, "width": size, "height": size})
+        instances["annotations"].append(
+            {
+                "id": next_annotation_id,
+                "image_id": next_image_id,
+                "category_id": first_class,
+                "bbox": [1.0, 1.0, 10.0, 10.0],
+                "area": 100.0,
+                "iscrowd": 0,
+            }
+        )
+        next_image_id += 1
+        next_annotation_id += 1
+        tree.bad_files[kind] = rel
+        if BAD_FILE_SKIP_REASON[kind] is None:
+            tree.expected_rgb[rel] = expected  # type: ignore[assignment]
+            counts[class_name(0)] = counts.get(class_name(0), 0) + 1
+        else:
+            tree.skipped[rel] = BAD_FILE_SKIP_REASON[kind]  # type: ignore[assignment]
+    instances["images"] += new_images
+    write_json(instances_path, instances)
+    if with_captions:
+        captions_path = tree.root / "annotations" / "captions_train2017.json"
+        captions = json.loads(captions_path.read_text())
+        captions["images"] += new_images
+        write_json(captions_path, captions)
 
 
 def imagenet_wnid(index: int) -> str:
@@ -317,45 +273,3 @@ def make_imagenet_tree(
     if bad_files:
         _add_bad_files(tree, root / "train" / wnids[0], "train", names[0], 0, size, seed)
     return tree
-
-
-# --- the demo data set -------------------------------------------------------------------------------------------
-
-
-def write_demo_shards(
-    out_dir: str | Path,
-    image_size: int = 64,
-    n_images: int = 96,
-    seed: int = 0,
-    n_val: int | None = None,
-    shard_size: int = 32,
-) -> Path:
-    """Build a small COCO-style data set (scikit-image photos + generated shapes, with labels and captions) under
-    ``out_dir/source`` and convert it to shards under ``out_dir/shards`` through :func:`robustfm.data.prepare.run`.
-
-    Uses the running Ray (or starts a local one). Calling it again on the same ``out_dir`` resumes: nothing is
-    rewritten. Returns the shard directory (splits "train" and "val").
-    """
-    from robustfm.data.config import PrepareConfig, SourceConfig
-    from robustfm.data.prepare import run
-
-    out_dir = Path(out_dir).resolve()
-    source = out_dir / "source"
-    if not (source / "annotations" / "instances_val2017.json").is_file():
-        make_coco_tree(
-            source,
-            n_images=n_images,
-            n_val=n_val if n_val is not None else max(8, n_images // 4),
-            size=image_size,
-            seed=seed,
-            n_shape_classes=3,
-            with_photos=True,
-        )
-    config = PrepareConfig(
-        source=SourceConfig(kind="coco", root=str(source)),
-        output=str(out_dir / "shards"),
-        shard_size=shard_size,
-        progress=False,
-    )
-    run(config)
-    return out_dir / "shards"

@@ -6,8 +6,9 @@ ZeRO stage 4 or a negative learning rate fails with the dotted field name before
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from robustfm.config.core import FrozenDict, check
 
@@ -33,9 +34,13 @@ class StageConfig:
     """Floor of the cosine decay as a fraction of each group's peak learning rate."""
     loss_weights: dict[str, float] = field(default_factory=FrozenDict)
     """Weight of each named loss of the task in the total. A loss with weight 0 or absent is left out of the total,
-    and the task is told which losses count (``task.active_losses``) so it may skip computing the others."""
+    and the task is told which losses count (``StageSpec.active_losses``) so it may skip computing the others."""
     max_batches_per_epoch: int | None = None
     """Use at most this many batches per epoch and rank (None: all the source has). For smoke runs and benchmarks."""
+    settings: dict[str, Any] = field(default_factory=FrozenDict)
+    """The method's settings that differ in this stage, by dotted name (``{"attack.eps": 0.0157}``; nested mappings
+    are flattened to dotted names). The task gets them with the stage (``Task.configure_stage``), applies them and
+    rejects names it does not have, before any worker starts. Empty: the method's own settings."""
 
     def __post_init__(self) -> None:
         check(len(self.trainable) > 0, "trainable", self.trainable, "must name at least one parameter group")
@@ -67,6 +72,28 @@ class StageConfig:
             self.max_batches_per_epoch,
             "must be >= 1",
         )
+        object.__setattr__(self, "settings", FrozenDict(_flat_settings(self.settings, "settings")))
+
+
+def _flat_settings(settings: Mapping[str, Any], field_name: str, prefix: str = "") -> dict[str, Any]:
+    """``{"attack": {"eps": 1}}`` -> ``{"attack.eps": 1}`` (lists become tuples: the config stays hashable)."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        check(
+            isinstance(key, str) and all(key.split(".")),
+            field_name,
+            key,
+            "names must be non-empty dotted names like 'attack.eps'",
+        )
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            found = _flat_settings(value, field_name, f"{name}.")
+        else:
+            found = {name: tuple(value) if isinstance(value, list) else value}
+        for found_name, found_value in found.items():
+            check(found_name not in flat, f"{field_name}.{found_name}", found_value, "is given twice (flat and nested)")
+            flat[found_name] = found_value
+    return flat
 
 
 @dataclass(frozen=True)

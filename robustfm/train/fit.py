@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
+from robustfm.train.capabilities import check_capabilities
 from robustfm.train.checkpoint import MODEL_FILE, load_model_state
 from robustfm.train.config import TrainConfig
 from robustfm.train.launchers import run_local, run_ray
-from robustfm.train.loop import check_stage_groups
+from robustfm.train.loop import check_stage_groups, run_needs
 from robustfm.train.reporting import TrackingSpec
 from robustfm.train.task import BatchSource, Task, check_param_groups
 
@@ -76,8 +77,8 @@ def fit(
     Args:
         train_cfg: a validated :class:`TrainConfig` (config errors were raised when it was loaded).
         build_task: builds the task; called on every worker at every stage (picklable, deterministic given the
-            torch seed the engine sets). It is also called once here, to check the stages' parameter groups before
-            any worker starts.
+            torch seed the engine sets). It is also called once here, before any worker starts, to check the stages'
+            parameter groups and settings and that the strategy provides what the task ``needs``.
         batches: each rank's batches (picklable).
         tracking_uri: MLflow URI from ``robustfm.tracking.resolve_tracking_uri`` (None: no tracking).
         experiment: MLflow experiment. parent_run_id: the run the per-stage runs nest under.
@@ -96,11 +97,18 @@ def fit(
 
     Returns:
         The last checkpoint, the exported safetensors and the final metrics.
+
+    Raises:
+        ConfigError: before any worker starts, for a stage that trains an unknown parameter group, a stage setting
+            the task does not have, or a strategy that lacks a capability the task needs in some stage.
     """
     probe = build_task()
     groups = probe.param_groups()
     check_param_groups(groups, probe)
     check_stage_groups(train_cfg, groups)
+    # Every stage's settings reach the task once here, and the strategy must provide what any stage needs: both fail
+    # now rather than in every worker after the launch.
+    check_capabilities(train_cfg, run_needs(train_cfg, probe))
     del probe, groups
     tracking = TrackingSpec(uri=tracking_uri, experiment=experiment, parent_run_id=parent_run_id, run_name=run_name)
     launch = run_ray if train_cfg.launcher == "ray" else run_local

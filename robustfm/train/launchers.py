@@ -73,6 +73,8 @@ def _configure_worker_logging() -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         log.addHandler(handler)
+    # Ray workers give the root logger a handler of their own: propagating would print every line twice.
+    log.propagate = False
 
 
 # --- Ray ------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from robustfm.train.checkpoint import (
 from robustfm.train.config import StageConfig, TrainConfig
 from robustfm.train.reporting import StageReporter, TrackingSpec
 from robustfm.train.strategies import DDPRuntime, DeepSpeedRuntime, build_optimizer, decide_strategy
-from robustfm.train.task import BatchSource, Task, batch_size_of, check_param_groups
+from robustfm.train.task import BatchSource, StageSpec, Task, batch_size_of, check_param_groups
 
 logger = logging.getLogger("robustfm.train")
 
@@ -58,6 +58,19 @@ def check_stage_groups(cfg: TrainConfig, groups: dict[str, Any]) -> None:
             raise ConfigError(
                 f"stages.{name}.trainable", f"unknown parameter groups {unknown}; the task has {sorted(groups)}"
             )
+
+
+def run_needs(cfg: TrainConfig, task: Task) -> frozenset[str]:
+    """The capabilities ``task`` needs over all stages of ``cfg`` (the run keeps one strategy throughout).
+
+    Configures the task for every stage in turn, so a stage's settings are checked here too; the engine configures
+    it again before training each stage.
+    """
+    needs: set[str] = set()
+    for name, stage in cfg.stages.items():
+        task.configure_stage(StageSpec(name, stage))
+        needs |= set(task.needs)
+    return frozenset(needs)
 
 
 def batches_per_epoch(
@@ -117,7 +130,7 @@ def train_worker(
     check_stage_groups(cfg, groups)
     total_params = sum(p.numel() for p in task.parameters())
     max_trainable = max(sum(p.numel() for g in s.trainable for p in groups[g]) for s in cfg.stages.values())
-    decision = decide_strategy(cfg, total_params, max_trainable, world_size, device)
+    decision = decide_strategy(cfg, total_params, max_trainable, world_size, device, run_needs(cfg, task))
     if state is not None and not position.stage_complete and state.strategy != decision.name:
         raise ValueError(
             f"checkpoint {restored} was taken mid-stage with {state.strategy}, this run uses {decision.name}"
@@ -219,6 +232,7 @@ def _stage_params(stage: StageConfig) -> dict[str, Any]:
         "schedule": stage.schedule,
         **{f"lr.{g}": v for g, v in stage.lr.items()},
         **{f"loss_weight.{n}": w for n, w in stage.loss_weights.items()},
+        **{f"setting.{k}": v for k, v in stage.settings.items()},
     }
 
 
@@ -242,7 +256,7 @@ def _run_stage(
     trainable_ids = {id(p) for g in stage.trainable for p in groups[g]}
     for param in task.parameters():
         param.requires_grad_(id(param) in trainable_ids)
-    task.active_losses = frozenset(n for n, w in stage.loss_weights.items() if w > 0)
+    task.configure_stage(StageSpec(stage_name, stage))
     task.to(device)
     optimizer, group_names, peak_lrs = build_optimizer(cfg.optimizer, groups, stage, device)
     if decision.name == "deepspeed":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from robustfm.train.capabilities import AUTO_CHOICES, strategy_label, unsupported
 from robustfm.train.config import OptimizerConfig, StageConfig, TrainConfig
 from robustfm.train.task import move_batch
 
@@ -48,12 +49,20 @@ def device_memory_bytes(device: torch.device, override_gb: float | None) -> int:
 
 
 def decide_strategy(
-    cfg: TrainConfig, total_params: int, max_trainable_params: int, world_size: int, device: torch.device
+    cfg: TrainConfig,
+    total_params: int,
+    max_trainable_params: int,
+    world_size: int,
+    device: torch.device,
+    needs: Collection[str] = frozenset(),
 ) -> StrategyDecision:
     """Resolve ``auto``: DDP when fp32 weights + gradients + optimizer state fit in ``auto_memory_fraction`` of one
     device; else ZeRO-2 (gradients and optimizer state partitioned over the workers) or ZeRO-3 (weights too).
 
     ``max_trainable_params`` is the largest trainable set over the stages: the run keeps one strategy throughout.
+    ``auto`` only picks a strategy that provides every capability in ``needs`` (:mod:`robustfm.train.capabilities`);
+    when none of those fits, it takes the one that holds the most and says so in the reason. A configured strategy is
+    returned as is (:func:`~robustfm.train.capabilities.check_capabilities` refused it earlier if it cannot).
     """
     strategy = cfg.strategy
     if strategy.name == "ddp":
@@ -70,11 +79,30 @@ def decide_strategy(
         f"weights {weights / _GIB:.2f} GiB + grads/optimizer {trainable_state / _GIB:.2f} GiB vs budget "
         f"{budget / _GIB:.2f} GiB ({strategy.auto_memory_fraction:.0%} of one {device.type} device)"
     )
-    if weights + trainable_state <= budget:
-        return StrategyDecision("ddp", 0, f"fits on one device: {numbers}; DDP is the fast path")
-    if weights + trainable_state / world_size <= budget:
-        return StrategyDecision("deepspeed", 2, f"does not fit: {numbers}; ZeRO-2 over {world_size} workers fits")
-    return StrategyDecision("deepspeed", 3, f"does not fit: {numbers}; even ZeRO-2 does not: ZeRO-3")
+    fits = {
+        ("ddp", 0): weights + trainable_state <= budget,
+        ("deepspeed", 2): weights + trainable_state / world_size <= budget,
+        ("deepspeed", 3): True,  # the last resort: weights are partitioned too
+    }
+    candidates = [choice for choice in AUTO_CHOICES if not unsupported(needs, *choice)]
+    if not candidates:
+        raise ValueError(f"no strategy auto may choose supports {sorted(needs)}")
+    excluded = [strategy_label(*choice) for choice in AUTO_CHOICES if choice not in candidates]
+    skipped = f"; {', '.join(excluded)} excluded: the task needs {sorted(needs)}" if excluded else ""
+    for name, stage in candidates:
+        if not fits[(name, stage)]:
+            continue
+        if name == "ddp":
+            return StrategyDecision("ddp", 0, f"fits on one device: {numbers}; DDP is the fast path{skipped}")
+        if stage == 2:
+            return StrategyDecision(
+                "deepspeed", 2, f"does not fit: {numbers}; ZeRO-2 over {world_size} workers fits{skipped}"
+            )
+        return StrategyDecision("deepspeed", 3, f"does not fit: {numbers}; even ZeRO-2 does not: ZeRO-3{skipped}")
+    name, stage = candidates[-1]
+    return StrategyDecision(
+        name, stage, f"does not fit: {numbers}; {strategy_label(name, stage)} may not fit either{skipped}"
+    )
 
 
 def build_optimizer(

@@ -1,4 +1,7 @@
-"""A tiny task and an in-memory batch source, for tests, benchmarks and checking the engine on a new machine.
+"""Tiny tasks and an in-memory batch source, for tests, benchmarks and checking the engine on a new machine.
+
+:class:`TinyGradientPenaltyTask` adds losses taken through a gradient (double backward): with it the capability
+table of :mod:`robustfm.train.capabilities` can be checked on a new strategy, device or library version.
 
 The source fixes the GLOBAL batch: each global batch is split evenly over the ranks, so one process and N processes
 see the same samples per optimizer step, and mean-reduced gradients must agree.
@@ -13,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustfm.config import ConfigError
 from robustfm.seeding import epoch_seed
+from robustfm.train.task import StageSpec, refuse_stage_settings
 
 
 class TinyRegressionTask(nn.Module):
@@ -25,12 +30,23 @@ class TinyRegressionTask(nn.Module):
             world size turns the strategy's gradient MEAN into a SUM: the negative control of the equivalence tests.
     """
 
+    loss_names: tuple[str, ...] = ("mse", "l1")
+    needs: frozenset[str] = frozenset()
+
     def __init__(self, in_dim: int = 16, hidden: int = 32, out_dim: int = 4, gradient_multiplier: float = 1.0) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
         self.head = nn.Linear(hidden, out_dim)
         self.gradient_multiplier = gradient_multiplier
-        self.active_losses: frozenset[str] = frozenset({"mse", "l1"})
+        self.active_losses: frozenset[str] = frozenset(self.loss_names)
+
+    def configure_stage(self, stage: StageSpec) -> None:
+        """Compute only the stage's active losses; this task has no settings."""
+        refuse_stage_settings(stage, type(self).__name__)
+        unknown = sorted(stage.active_losses - set(self.loss_names))
+        if unknown:
+            raise ConfigError(f"stages.{stage.name}.loss_weights", f"{unknown} are not losses of {self.loss_names}")
+        self.active_losses = stage.active_losses
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         prediction = self.head(self.body(batch["x"]))
@@ -47,6 +63,56 @@ class TinyRegressionTask(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"body": list(self.body.parameters()), "head": list(self.head.parameters())}
+
+
+class TinyGradientPenaltyTask(TinyRegressionTask):
+    """:class:`TinyRegressionTask` plus two losses that are differentiated through a gradient (double backward).
+
+    ``input_gradient``: mean over samples of ``||d(sum of the sample's outputs)/dx||^2``, the inner gradient taken
+    w.r.t. the input with ``create_graph=True`` (the form of GradMask/RRR penalties). It is a per-sample mean, so a
+    global batch split over ranks gives the same objective as one process.
+    ``param_gradient``: ``||d mse/d theta||^2`` over the trainable parameters, the inner gradient taken w.r.t. the
+    parameters. A squared norm of a batch gradient does not split over ranks, so the batch is cut into
+    ``penalty_chunks`` equal slices and the penalties of the slices are averaged: one process with
+    ``penalty_chunks = N`` has the objective of N ranks with ``penalty_chunks = 1``.
+
+    Args:
+        penalty_chunks: slices of the batch for ``param_gradient`` (must divide the batch size).
+        **kwargs: passed to :class:`TinyRegressionTask`.
+    """
+
+    loss_names = ("mse", "l1", "input_gradient", "param_gradient")
+
+    def __init__(self, penalty_chunks: int = 1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.penalty_chunks = penalty_chunks
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        """What the active losses need: a stage without the penalties runs on any strategy."""
+        needs = set()
+        if "input_gradient" in self.active_losses:
+            needs.add("double_backward_input")
+        if "param_gradient" in self.active_losses:
+            needs.add("double_backward_params")
+        return frozenset(needs)
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        losses = super().forward(batch)
+        if "input_gradient" in self.active_losses:
+            x = batch["x"].detach().requires_grad_(True)
+            outputs = self.head(self.body(x))
+            (input_grad,) = torch.autograd.grad(outputs.sum(), x, create_graph=True)
+            losses["input_gradient"] = input_grad.float().pow(2).sum(dim=1).mean()
+        if "param_gradient" in self.active_losses:
+            params = [p for p in self.parameters() if p.requires_grad]
+            penalties = []
+            for x, y in zip(batch["x"].chunk(self.penalty_chunks), batch["y"].chunk(self.penalty_chunks), strict=True):
+                mse = F.mse_loss(self.head(self.body(x)).float(), y)
+                grads = torch.autograd.grad(mse, params, create_graph=True)
+                penalties.append(sum(g.float().pow(2).sum() for g in grads))
+            losses["param_gradient"] = torch.stack(penalties).mean()
+        return losses
 
 
 def build_tiny_task(**kwargs: Any) -> TinyRegressionTask:

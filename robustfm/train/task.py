@@ -7,22 +7,58 @@ never mentions rank or world size; the batch source is the only part that knows 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import nn
+
+from robustfm.config import ConfigError, replace_path
+from robustfm.train.config import StageConfig
+
+ConfigT = TypeVar("ConfigT")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a task is told before a stage: its name, its config, and the losses and settings that follow from it."""
+
+    name: str
+    """The stage's name (a key of ``TrainConfig.stages``)."""
+    config: StageConfig
+    """The whole stage config (trainable groups, learning rates, loss weights, settings ...)."""
+
+    @property
+    def active_losses(self) -> frozenset[str]:
+        """Names of the losses with a positive weight: the only ones the engine adds to the total."""
+        return frozenset(name for name, weight in self.config.loss_weights.items() if weight > 0)
+
+    @property
+    def settings(self) -> Mapping[str, Any]:
+        """The method's settings that differ in this stage, by dotted name (``StageConfig.settings``)."""
+        return self.config.settings
 
 
 @runtime_checkable
 class Task(Protocol):
     """A ``torch.nn.Module`` that maps a batch to a dict of UNWEIGHTED named losses.
 
-    The engine sets ``active_losses`` (the names with a positive weight in the current stage) before each stage; a
-    task may skip computing the other losses. Only the task is wrapped by DDP/DeepSpeed: frozen references (VGG for
-    ground-truth maps, an original encoder) belong outside it, e.g. in the batch source's stages.
+    The engine calls :meth:`configure_stage` before each stage, on every worker, and once per stage in the driver
+    before any worker starts (there an error in the stage's settings fails fast). Only the task is wrapped by
+    DDP/DeepSpeed: frozen references (VGG for ground-truth maps, an original encoder) belong outside it, e.g. in the
+    batch source's stages.
     """
 
-    active_losses: frozenset[str]
+    needs: frozenset[str]
+    """Capabilities the task needs from the strategy in the stage it was last configured for, beyond one plain
+    backward (names from :data:`robustfm.train.capabilities.CAPABILITIES`; a class attribute when fixed). The run's
+    strategy must provide the union over its stages; a method's registry entry declares the same ``needs``."""
+
+    def configure_stage(self, stage: StageSpec) -> None:
+        """Prepare for ``stage``: note ``stage.active_losses`` (the task may skip computing the others) and apply
+        ``stage.settings``; raise :class:`~robustfm.config.ConfigError` naming ``stages.<name>.settings.<key>`` for a
+        setting the task does not have (see :func:`stage_settings_applied`)."""
+        ...
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Scalar losses by name for one batch (tensors already on the worker's device)."""
@@ -31,6 +67,26 @@ class Task(Protocol):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Disjoint named groups of the task's parameters; stages train some groups and freeze the rest."""
         ...
+
+
+def stage_settings_applied(config: ConfigT, stage: StageSpec) -> ConfigT:
+    """``config`` (a method's config dataclass) with the stage's settings applied as dotted overrides and checked
+    like any override; an error names ``stages.<stage>.settings.<key>``."""
+    for key, value in stage.settings.items():
+        try:
+            config = replace_path(config, key, value)
+        except ConfigError as err:
+            raise ConfigError(f"stages.{stage.name}.settings.{key}", err.message) from None
+    return config
+
+
+def refuse_stage_settings(stage: StageSpec, method: str) -> None:
+    """For a task without per-stage settings: raise ConfigError naming the stage's first setting."""
+    if stage.settings:
+        key = next(iter(stage.settings))
+        raise ConfigError(
+            f"stages.{stage.name}.settings.{key}", f"{method} has no per-stage settings; leave settings empty"
+        )
 
 
 @runtime_checkable

@@ -141,3 +141,17 @@ def test_batches_inside_a_ray_worker_match_the_driver(ray_session, demo_shards):
     driver_ids, driver_pixels, _ = _epoch(source, 2, 1, 2, skip=1)
     assert ids == driver_ids and len(ids) == 8
     np.testing.assert_array_equal(np.concatenate(images), driver_pixels.numpy())
+
+
+@pytest.mark.timeout(300)
+def test_validation_batches_and_the_evaluation_suites_see_identical_pixels(demo_shards):
+    """One eval preprocessing: ``ShardBatchSource(train=False)`` and the scoring actors' ``decode_batch`` agree on
+    every pixel, also where the 32-pixel JPEGs are decoded at reduced scale for a 16-pixel output."""
+    from robustfm.evals.data import decode_batch
+
+    rows = _val_rows(demo_shards)
+    for size in (16, 32):
+        ids, pixels, _ = _epoch(ShardBatchSource(demo_shards, "val", size, BATCH, train=False), 0)
+        suites, reasons = decode_batch(rows["image"], rows["id"], size)
+        assert ids == rows["id"] and reasons == [None] * len(ids)
+        np.testing.assert_array_equal(pixels.numpy(), suites)

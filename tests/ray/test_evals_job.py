@@ -53,7 +53,7 @@ def test_report_card_compares_two_models(ray_session, tmp_path):
     argv = [
         "--suite", "retrieval", "--model", "open_clip/tiny-vit", "--compare-with", str(weights),
         f"tracking.uri={uri}", "tracking.experiment=evals-job", f"eval.output_dir={tmp_path / 'out'}",
-        "eval.retrieval.data.synthetic_samples=8", "eval.retrieval.ks=[1,5]",
+        "eval.suites.retrieval.data.synthetic_samples=8", "eval.suites.retrieval.ks=[1,5]",
         "eval.pool.min_actors=1", "eval.pool.max_actors=1", "eval.pool.batch_size=4",
     ]  # fmt: skip
     assert load_job().main(argv) == 0

@@ -14,9 +14,10 @@ def test_evaluate_model_on_coco_shards_with_an_in_memory_model(ray_session, tmp_
 
     from robustfm.data import open_shards
     from robustfm.evals import evaluate_model
-    from robustfm.evals.config import ActorPoolConfig, EvalConfig, EvalDataConfig, RetrievalConfig
+    from robustfm.evals.config import ActorPoolConfig, EvalConfig, EvalDataConfig, SuiteSettings
     from robustfm.evals.data import decode_batch
     from robustfm.evals.metrics import recall_at_k
+    from robustfm.evals.suites.retrieval import RetrievalConfig
     from robustfm.models import create_model
     from robustfm.testing.datasets import write_demo_shards
 
@@ -27,8 +28,9 @@ def test_evaluate_model_on_coco_shards_with_an_in_memory_model(ray_session, tmp_
         output_dir=str(tmp_path / "out"),
         # A fractional CPU: the Parquet read tasks must find a core beside the actor pool on a small Ray.
         pool=ActorPoolConfig(min_actors=1, max_actors=1, num_cpus=0.5, batch_size=3),
-        retrieval=RetrievalConfig(data=EvalDataConfig(shards=str(shards), split="val", max_samples=8),
-                                  captions_per_image=1, ks=(1, 3)),
+        suites=SuiteSettings.build({"retrieval": RetrievalConfig(
+            data=EvalDataConfig(shards=str(shards), split="val", max_samples=8), captions_per_image=1, ks=(1, 3)
+        )}),
     )  # fmt: skip
     metrics = evaluate_model(model, ["retrieval"], cfg, stage="adapt")
     assert sorted(metrics) == [

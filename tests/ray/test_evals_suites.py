@@ -13,15 +13,11 @@ import itertools
 import numpy as np
 import pytest
 
-from robustfm.evals.config import (
-    ActorPoolConfig,
-    CorruptionDetectionConfig,
-    EmbeddingRobustnessConfig,
-    EvalConfig,
-    EvalDataConfig,
-    RetrievalConfig,
-    ZeroShotConfig,
-)
+from robustfm.evals.config import ActorPoolConfig, EvalConfig, EvalDataConfig, SuiteSettings
+from robustfm.evals.suites.corruption_detection import CorruptionDetectionConfig
+from robustfm.evals.suites.embedding_robustness import EmbeddingRobustnessConfig
+from robustfm.evals.suites.retrieval import RetrievalConfig
+from robustfm.evals.suites.zero_shot import ZeroShotConfig
 
 pytestmark = [pytest.mark.ray]
 
@@ -56,22 +52,26 @@ def small_config(output_dir) -> EvalConfig:
         seed=7,
         output_dir=str(output_dir),
         pool=ActorPoolConfig(min_actors=2, max_actors=2, num_cpus=1, threads=1, batch_size=3),
-        corruption_detection=CorruptionDetectionConfig(
-            data=data,
-            corruptions=("gaussian_noise", "pixelate", "brightness", "impulse_noise", "saturate"),
-            severities=(1, 3, 5),
+        suites=SuiteSettings.build(
+            {
+                "corruption_detection": CorruptionDetectionConfig(
+                    data=data,
+                    corruptions=("gaussian_noise", "pixelate", "brightness", "impulse_noise", "saturate"),
+                    severities=(1, 3, 5),
+                ),
+                "zero_shot": ZeroShotConfig(
+                    data=data,
+                    corruptions=("gaussian_noise",),
+                    severities=(3,),
+                    perturbations=("brightness", "jpeg_quality"),
+                    perturbation_steps=2,
+                ),
+                "embedding_robustness": EmbeddingRobustnessConfig(
+                    data=data, perturbations=("brightness", "gaussian_noise"), steps=4
+                ),
+                "retrieval": RetrievalConfig(data=data, captions_per_image=3, ks=(1, 2, 5)),
+            }
         ),
-        zero_shot=ZeroShotConfig(
-            data=data,
-            corruptions=("gaussian_noise",),
-            severities=(3,),
-            perturbations=("brightness", "jpeg_quality"),
-            perturbation_steps=2,
-        ),
-        embedding_robustness=EmbeddingRobustnessConfig(
-            data=data, perturbations=("brightness", "gaussian_noise"), steps=4
-        ),
-        retrieval=RetrievalConfig(data=data, captions_per_image=3, ks=(1, 2, 5)),
     )
 
 
@@ -200,7 +200,7 @@ def test_zero_shot_against_brute_force(tracked, driver_model):
         classes = []
         for name in class_names:
             mean = driver_model.encode_text(
-                [t.format(name) for t in tracked["cfg"].zero_shot.templates], normalize=True
+                [t.format(name) for t in tracked["cfg"].suites["zero_shot"].templates], normalize=True
             ).mean(0)
             classes.append(mean / mean.norm())
         expected_logits = (image @ torch.stack(classes).T).numpy()

@@ -197,8 +197,8 @@ def test_interrupted_optuna_sweep_resumes_with_the_same_command(tmp_path, demo_s
     from safetensors.torch import save_file
 
     from robustfm.config import load_config
-    from robustfm.recipes.cgclip import CGClipTaskBuilder
     from robustfm.recipes.cgclip_config import CGClipRecipeConfig
+    from robustfm.recipes.kit import TaskBuilder
 
     out = tmp_path / "out"
     # checkpoint_every_steps=2: a trial (2 epochs of 2 steps) checkpoints at the end of its first epoch.
@@ -206,7 +206,8 @@ def test_interrupted_optuna_sweep_resumes_with_the_same_command(tmp_path, demo_s
     cfg = load_config(CGClipRecipeConfig, REPO / "configs" / "cgclip" / "demo.yaml", overrides)
     init_weights = tmp_path / "adapt-isolate.safetensors"  # stands in for a recipe's saved early stages
     save_file(
-        {k: v.contiguous() for k, v in CGClipTaskBuilder(cfg.model, cfg.method)().state_dict().items()}, init_weights
+        {k: v.contiguous() for k, v in TaskBuilder("cgclip", cfg.model, cfg.method)().state_dict().items()},
+        init_weights,
     )
     space = write_space(
         tmp_path / "space.yaml",
@@ -287,3 +288,56 @@ def test_sweep_job_rejects_a_missing_init_weights_file_before_ray_starts(tmp_pat
     assert "init_weights" in done.stderr and "missing.safetensors" in done.stderr
     assert "Started a local Ray instance" not in done.stdout + done.stderr
     assert not (tmp_path / "out" / "sweeps").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_perturb_ft_sweep_over_lambda_and_lr_through_the_job(tmp_path, demo_shards):
+    """The second method sweeps through the same job: lambda (the clean term's weight) and the learning rate, two
+    trials, the per-epoch held-out cosine reported to Tune and logged by the driver into one parent run."""
+    from mlflow import MlflowClient
+
+    out = tmp_path / "out"
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "recipe": "perturb_ft",
+                "metric": "val/perturbed_cosine",
+                "mode": "max",
+                "num_samples": 1,
+                "max_concurrent": 2,
+                "searcher": {"type": "grid", "seed": 0},
+                "scheduler": {"type": "fifo"},
+                "space": {
+                    "train.stages.finetune.loss_weights.clean": "grid([0.0, 1.0])",
+                    "train.stages.finetune.lr.image_encoder": "loguniform(1.0e-4, 1.0e-3)",
+                },
+            }
+        )
+    )
+    overrides = {
+        "output_dir": str(out),
+        "data.shards": demo_shards,
+        "tracking.uri": f"sqlite:///{out}/mlflow.db",
+        "tracking.experiment": "pft-sweep",
+        "train.stages.finetune.epochs": "2",
+        "train.stages.finetune.max_batches_per_epoch": "2",
+        "train.resources_per_worker.CPU": "0.2",
+        "data.teacher.num_cpus": "0.2",
+        "data.batch_size": "8",
+        "data.holdout_fraction": "0.25",
+        "eval.enabled": "false",
+    }
+    command = ["jobs/sweep.py", "--recipe", "perturb_ft", "--space", str(space), "--name", "pft"]
+    done = recipe_fixtures.run_job([*command, *(f"{k}={v}" for k, v in overrides.items())], timeout=840)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "best trial:" in done.stdout
+    children = _children(MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db"), "pft-sweep")
+    assert len(children) == 2
+    assert {float(c.data.params["train.stages.finetune.loss_weights.clean"]) for c in children} == {0.0, 1.0}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert -1.0 <= child.data.metrics["val/perturbed_cosine"] <= 1.0
+        assert child.data.metrics["val/diverged"] == 0.0

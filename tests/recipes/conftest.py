@@ -31,12 +31,12 @@ def tiny_cgclip_overrides(out: Path, shards: str, **extra: str) -> list[str]:
         "train.stages.isolate.max_batches_per_epoch": "2",
         "train.stages.tune.max_batches_per_epoch": "2",
         "eval.tsne_samples": "12",
-        "eval.suite_config.corruption_detection.data.max_samples": "12",
-        "eval.suite_config.corruption_detection.corruptions": "[gaussian_noise,shot_noise]",
-        "eval.suite_config.zero_shot.data.max_samples": "12",
-        "eval.suite_config.zero_shot.corruptions": "[gaussian_noise]",
-        "eval.suite_config.zero_shot.perturbations": "[brightness]",
-        "eval.suite_config.zero_shot.perturbation_steps": "2",
+        "eval.settings.suites.corruption_detection.data.max_samples": "12",
+        "eval.settings.suites.corruption_detection.corruptions": "[gaussian_noise,shot_noise]",
+        "eval.settings.suites.zero_shot.data.max_samples": "12",
+        "eval.settings.suites.zero_shot.corruptions": "[gaussian_noise]",
+        "eval.settings.suites.zero_shot.perturbations": "[brightness]",
+        "eval.settings.suites.zero_shot.perturbation_steps": "2",
         "export.wise_ft_alphas": "[]",
     }
     overrides.update(extra)

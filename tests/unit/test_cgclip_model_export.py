@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from robustfm.methods.cgclip import CGClipModel, CGClipTask
 from robustfm.methods.cgclip_config import CGClipConfig
-from robustfm.methods.export import (
+from robustfm.models.export import (
     clip_state_dict,
     export_image_tower,
     export_wise_ft,
@@ -26,7 +26,7 @@ def trained_tiny_model() -> tuple[CGClipModel, dict[str, torch.Tensor]]:
 
     torch.manual_seed(0)
     model = CGClipModel(create_model("open_clip/tiny-vit"), decoder_channels=CHANNELS)
-    before = clip_state_dict(model)
+    before = clip_state_dict(model.clip)
     task = CGClipTask(model, CGClipConfig(decoder_channels=CHANNELS))
     optimizer = torch.optim.SGD(task.parameters(), lr=0.5)
     clean = torch.rand(2, 3, 64, 64)
@@ -45,7 +45,7 @@ def test_export_drops_the_decoder_and_loads_back_with_open_clip(trained, tmp_pat
     import open_clip
 
     model, _ = trained
-    path = export_image_tower(model, tmp_path / "clip.safetensors")
+    path = export_image_tower(model.clip, tmp_path / "clip.safetensors")
     state = load_file(str(path))
     assert not any("decoder" in key for key in state)
     with safe_open(str(path), framework="pt") as handle:
@@ -67,7 +67,7 @@ def test_export_loads_through_the_factory(trained, tmp_path):
     from robustfm.models import create_model
 
     model, _ = trained
-    path = export_image_tower(model, tmp_path / "clip.safetensors")
+    path = export_image_tower(model.clip, tmp_path / "clip.safetensors")
     reloaded = create_model("open_clip/tiny-vit", pretrained=str(path)).eval()
     pixels = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
@@ -79,7 +79,7 @@ def test_export_of_the_image_tower_alone(trained, tmp_path):
     import open_clip
 
     model, _ = trained
-    state = load_file(str(export_image_tower(model, tmp_path / "visual.safetensors", include_text_tower=False)))
+    state = load_file(str(export_image_tower(model.clip, tmp_path / "visual.safetensors", include_text_tower=False)))
     assert state and all(key.startswith("visual.") for key in state)
     result = open_clip.create_model("tiny-vit").load_state_dict(state, strict=False)
     assert not result.unexpected_keys and all(not key.startswith("visual.") for key in result.missing_keys)
@@ -87,7 +87,7 @@ def test_export_of_the_image_tower_alone(trained, tmp_path):
 
 def test_training_changed_what_is_exported(trained):
     model, before = trained
-    after = clip_state_dict(model)
+    after = clip_state_dict(model.clip)
     assert set(after) == set(before)
     assert any(not torch.equal(before[k], after[k]) for k in image_tower_state(after))
 
@@ -117,8 +117,8 @@ def test_interpolate_weights_rejects_mismatches():
 
 def test_wise_ft_mixes_only_the_image_tower(trained, tmp_path):
     model, before = trained
-    after = clip_state_dict(model)
-    files = export_wise_ft(model, before, tmp_path, [0.0, 0.5, 1.0])
+    after = clip_state_dict(model.clip)
+    files = export_wise_ft(model.clip, before, tmp_path, [0.0, 0.5, 1.0])
     assert list(files) == [0.0, 0.5, 1.0]
     states = {alpha: load_file(str(path)) for alpha, path in files.items()}
     for key in image_tower_state(after):
@@ -130,4 +130,4 @@ def test_wise_ft_mixes_only_the_image_tower(trained, tmp_path):
     for state in states.values():
         assert all(torch.equal(state[k], after[k]) for k in text_keys)  # the text tower stays fine-tuned
     with pytest.raises(ValueError, match="two decimals"):
-        export_wise_ft(model, before, tmp_path, [0.5, 0.501])
+        export_wise_ft(model.clip, before, tmp_path, [0.5, 0.501])

@@ -1,4 +1,4 @@
-"""CGClipTask: loss names, active_losses skipping branches, gradients per stage, parameter groups, config, registry."""
+"""CGClipTask: loss names, configure_stage and branches skipped per stage, gradients, groups, config, registry."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from robustfm.config import ConfigError, ModelConfig, from_dict
 from robustfm.methods import METHODS
 from robustfm.methods.cgclip import CGClipModel, CGClipTask, build_cgclip_task
 from robustfm.methods.cgclip_config import CGClipConfig
+from robustfm.train.config import StageConfig
+from robustfm.train.task import StageSpec
 
 CHANNELS = (32, 16, 8)
 
@@ -28,6 +30,14 @@ def tiny_batch(n: int = 3) -> dict[str, torch.Tensor]:
     clean = torch.rand(n, 3, 64, 64, generator=generator)
     corrupted = (clean + 0.3 * torch.randn(n, 3, 64, 64, generator=generator)).clamp(0, 1)
     return {"image": clean, "corrupted": corrupted, "map": torch.rand(n, 1, 64, 64, generator=generator)}
+
+
+def configure(task: CGClipTask, *losses: str, **settings) -> None:
+    """What the engine does before a stage that weights ``losses``."""
+    stage = StageConfig(
+        trainable=("decoder",), lr={"decoder": 1e-3}, loss_weights=dict.fromkeys(losses, 1.0), settings=settings
+    )
+    task.configure_stage(StageSpec("stage", stage))
 
 
 def has_grad(parameters) -> bool:
@@ -57,7 +67,7 @@ def test_tune_gradients_reach_decoder_and_both_encoders():
 def test_corruption_loss_alone_trains_the_image_encoder_through_the_decoder():
     # Stage 3's mechanism: the decoder's gradient regularizes the image tower, down to its first block.
     task = tiny_task()
-    task.active_losses = frozenset({"corruption"})
+    configure(task, "corruption")
     task(tiny_batch())["corruption"].backward()
     first_block = task.model.clip.clip.visual.transformer.resblocks[0]
     assert has_grad(first_block.parameters())
@@ -70,7 +80,7 @@ def test_isolate_with_frozen_encoders_trains_only_the_decoder():
     groups = task.param_groups()
     for parameter in groups["image_encoder"] + groups["text_encoder"]:
         parameter.requires_grad_(False)
-    task.active_losses = frozenset({"corruption"})
+    configure(task, "corruption")
     losses = task(tiny_batch())
     assert set(losses) == {"corruption"}
     losses["corruption"].backward()
@@ -81,7 +91,7 @@ def test_isolate_with_frozen_encoders_trains_only_the_decoder():
 def test_contrastive_only_skips_the_decoder():
     task = tiny_task()
     calls = count_decoder_calls(task)
-    task.active_losses = frozenset({"contrastive"})
+    configure(task, "contrastive")
     batch = tiny_batch()
     del batch["map"]  # Adapt needs no ground-truth maps
     losses = task(batch)
@@ -89,9 +99,25 @@ def test_contrastive_only_skips_the_decoder():
     losses["contrastive"].backward()
     assert all(p.grad is None for p in task.param_groups()["decoder"])
     assert has_grad(task.param_groups()["image_encoder"]) and has_grad(task.param_groups()["text_encoder"])
-    task.active_losses = frozenset({"contrastive", "corruption"})
+    configure(task, "contrastive", "corruption")
     task(tiny_batch())
     assert calls[0] == 1  # both losses share one image-tower pass and one decoder pass
+
+
+def test_configure_stage_records_weighted_losses_and_refuses_settings_and_unknown_losses():
+    task = tiny_task()
+    stage = StageConfig(
+        trainable=("decoder",), lr={"decoder": 1e-3}, loss_weights={"contrastive": 0.0, "corruption": 1.0}
+    )
+    task.configure_stage(StageSpec("isolate", stage))
+    assert task.active_losses == frozenset({"corruption"})  # a zero weight is not active
+    with pytest.raises(ConfigError) as error:
+        configure(task, "contrastive", **{"attack.eps": 0.01})
+    assert error.value.field == "stages.stage.settings.attack.eps"
+    with pytest.raises(ConfigError, match=r"\['kl'\] are not CG-CLIP losses") as error:
+        configure(task, "contrastive", "kl")
+    assert error.value.field == "stages.stage.loss_weights"
+    assert task.active_losses == frozenset({"corruption"})  # a refused stage leaves the task as it was
 
 
 def test_unknown_or_empty_active_losses_fail():
@@ -133,9 +159,9 @@ def test_param_groups_partition_every_parameter():
 def test_clean_half_of_the_decoder_loss_uses_zero_targets():
     batch = tiny_batch()
     with_clean = tiny_task()
-    with_clean.active_losses = frozenset({"corruption"})
+    configure(with_clean, "corruption")
     corrupted_only = tiny_task(decoder_on_clean=False)
-    corrupted_only.active_losses = frozenset({"corruption"})
+    configure(corrupted_only, "corruption")
     with torch.no_grad():
         _, logits = with_clean.model.encode_image_and_map(torch.cat([batch["image"], batch["corrupted"]]))
         expected_full = torch.nn.functional.binary_cross_entropy_with_logits(
@@ -156,9 +182,9 @@ def test_prompts_cycle_per_kind_and_targets_option_changes_the_loss():
         "a corrupt photograph",
     ]
     batch = tiny_batch()
-    task.active_losses = frozenset({"contrastive"})
+    configure(task, "contrastive")
     plain = tiny_task(contrastive_targets="clip")
-    plain.active_losses = frozenset({"contrastive"})
+    configure(plain, "contrastive")
     with torch.no_grad():
         assert abs(task(batch)["contrastive"].item() - plain(batch)["contrastive"].item()) > 1e-4
 
@@ -166,12 +192,12 @@ def test_prompts_cycle_per_kind_and_targets_option_changes_the_loss():
 def test_temperature_fixed_or_trainable():
     trainable = tiny_task(logit_scale_init=50.0)
     assert trainable.logit_scale().item() == pytest.approx(50.0, rel=1e-5)
-    trainable.active_losses = frozenset({"contrastive"})
+    configure(trainable, "contrastive")
     trainable(tiny_batch())["contrastive"].backward()
     assert trainable.model.clip.logit_scale.grad is not None
 
     fixed = tiny_task(logit_scale="fixed", logit_scale_init=20.0)
-    fixed.active_losses = frozenset({"contrastive"})
+    configure(fixed, "contrastive")
     fixed(tiny_batch())["contrastive"].backward()
     assert fixed.model.clip.logit_scale.grad is None
     assert fixed.model.clip.logit_scale.item() == pytest.approx(math.log(20.0), rel=1e-6)

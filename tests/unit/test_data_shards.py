@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
@@ -12,11 +13,20 @@ from PIL import Image
 
 from robustfm.data import reading
 from robustfm.data.shards import (
+    BASE_COLUMNS,
+    BASE_SPECS,
     SCHEMA_VERSION,
+    ColumnKind,
+    ColumnSpec,
     Location,
     ManifestError,
+    MissingColumnError,
+    check_extra_columns,
     encode_shard,
     load_manifest,
+    manifest_columns,
+    require_columns,
+    shard_columns,
     shard_schema,
     write_bytes_atomic,
     write_json_atomic,
@@ -152,3 +162,72 @@ def test_epoch_sequence_is_a_seeded_permutation_of_every_row():
         assert list(zip(other[1].tolist(), other[2].tolist(), strict=True)) != pairs
     _, plain_shards, plain_rows = epoch_sequence(shard_rows, seed=0, epoch=3, shuffle=False, window=1)
     assert list(zip(plain_shards.tolist(), plain_rows.tolist(), strict=True)) == sorted(pairs)
+
+
+# --- schema v2: declared extra columns ------------------------------------------------------------------------------
+
+EXTRA = {
+    "mask": ColumnSpec(ColumnKind.MASK, "foreground"),
+    "left": ColumnSpec(ColumnKind.IMAGE, "first distortion"),
+    "pair": ColumnSpec(ColumnKind.GROUP, "rows of one pair share it"),
+    "judge": ColumnSpec(ColumnKind.FLOAT, "share of people preferring left"),
+}
+
+
+def test_extra_columns_round_trip_with_their_declarations():
+    rows = [
+        {**_row(i), "mask": b"png bytes", "left": _jpeg(i + 10), "pair": f"p{i // 2}", "judge": i / 4} for i in range(4)
+    ]
+    table = pq.read_table(io.BytesIO(encode_shard(rows, EXTRA)))
+    assert table.schema.names == [*BASE_COLUMNS, "mask", "left", "pair", "judge"]
+    assert table.column("pair").to_pylist() == ["p0", "p0", "p1", "p1"]
+    assert table.column("judge").to_pylist() == [0.0, 0.25, 0.5, 0.75]
+    assert table.column("left").to_pylist()[2] == _jpeg(12)
+    declared = json.loads(table.schema.metadata[b"robustfm.columns"])
+    assert declared["mask"] == {"kind": "mask", "meaning": "foreground"} and declared["image"]["kind"] == "image"
+    with pytest.raises(KeyError, match="judge"):  # every declared column must be filled
+        encode_shard([{k: v for k, v in rows[0].items() if k != "judge"}], EXTRA)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"label": ColumnSpec("float")}, "clashes with a base column"),
+        ({"Left": ColumnSpec("image")}, "lower_snake_case"),
+        ({"left": ColumnSpec("texts")}, "kind 'texts' is not one of"),
+    ],
+)
+def test_bad_extra_column_declarations_name_the_column(extra, message):
+    with pytest.raises(ValueError, match=message):
+        check_extra_columns(extra)
+
+
+def _manifest_dir(tmp_path, manifest) -> str:
+    write_json_atomic(Location(str(tmp_path)), str(tmp_path / "manifest.json"), manifest)
+    return str(tmp_path)
+
+
+def test_v1_manifests_still_read_and_declare_the_base_columns(tmp_path):
+    path = _manifest_dir(tmp_path, {"schema_version": 1, "columns": list(BASE_COLUMNS), "splits": {}})
+    assert load_manifest(Location(path))["schema_version"] == 1
+    columns = shard_columns(path)
+    assert list(columns) == list(BASE_COLUMNS) and columns["image"].kind == ColumnKind.IMAGE
+    with pytest.raises(MissingColumnError, match=r"reads column\(s\) \['mask'\].*" + str(tmp_path)):
+        require_columns(path, ["image", "mask"], reader="suite 'masked'")
+
+
+def test_v2_manifest_columns_are_checked_against_what_a_reader_needs(tmp_path):
+    declared = {name: spec.to_json() for name, spec in {**BASE_SPECS, **EXTRA}.items()}
+    path = _manifest_dir(tmp_path, {"schema_version": 2, "columns": declared, "splits": {}})
+    assert require_columns(path, ["image", "mask", "pair"])["judge"] == EXTRA["judge"]
+    with pytest.raises(MissingColumnError, match=r"suite 'x' reads column\(s\) \['right'\]"):
+        require_columns(path, ["left", "right"], reader="suite 'x'")
+    broken = {**declared, "weird": {"kind": "tensor"}}
+    with pytest.raises(ManifestError, match="weird"):
+        manifest_columns({"schema_version": 2, "columns": broken}, "x/manifest.json")
+    with pytest.raises(ManifestError, match="lacks base column"):
+        manifest_columns({"schema_version": 2, "columns": {"mask": {"kind": "mask"}}})
+    for version in (0, SCHEMA_VERSION + 1):
+        _manifest_dir(tmp_path, {"schema_version": version})
+        with pytest.raises(ManifestError, match="schema_version"):
+            load_manifest(Location(path))

@@ -34,7 +34,7 @@ def test_registry_lists_the_four_suites_and_each_declares_directions():
         suite_class = SUITES.get(name)
         assert suite_class.name == name and suite_class.version
         assert suite_class.metric_specs and all(s.direction in ("higher", "lower") for s in suite_class.metric_specs)
-        assert hasattr(EvalConfig(), suite_class.config_section)
+        assert isinstance(EvalConfig().suites[name], SUITES.meta(name)["config"])
     with pytest.raises(KeyError, match="did you mean 'zero_shot'"):
         SUITES.get("zero_shoot")
 
@@ -61,7 +61,7 @@ def test_parse_weights_paths(tmp_path):
     save_file({"w": torch.zeros(1)}, str(with_meta), metadata={"model_name": "open_clip/tiny-vit"})
     assert parse_model_ref(str(with_meta)).name == "open_clip/tiny-vit"
     assert parse_model_ref(str(with_meta.parent)).pretrained == str(with_meta.resolve())  # a checkpoint dir
-    exported = tmp_path / "cgclip" / "image_tower.safetensors"  # as robustfm.methods.export writes it
+    exported = tmp_path / "cgclip" / "image_tower.safetensors"  # as robustfm.models.export writes it
     exported.parent.mkdir()
     save_file({"w": torch.zeros(1)}, str(exported), metadata={"format": "open_clip", "arch": "ViT-B-32"})
     assert parse_model_ref(str(exported)).name == "open_clip/ViT-B-32"
@@ -92,10 +92,10 @@ def test_parse_rejects_bad_refs(text):
 def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"eval\.pool\.max_actors"):
         load_config(EvaluateJobConfig, overrides=["eval.pool.min_actors=3", "eval.pool.max_actors=2"])
-    with pytest.raises(ConfigError, match=r"eval\.zero_shot\.templates"):
-        load_config(EvaluateJobConfig, overrides=["eval.zero_shot.templates=[no placeholder]"])
-    cfg = load_config(EvaluateJobConfig, overrides=["eval.retrieval.ks=[1,2]", "eval.seed=3"])
-    assert cfg.eval.retrieval.ks == (1, 2) and cfg.eval.seed == 3
+    with pytest.raises(ConfigError, match=r"eval\.suites\.zero_shot\.templates"):
+        load_config(EvaluateJobConfig, overrides=["eval.suites.zero_shot.templates=[no placeholder]"])
+    cfg = load_config(EvaluateJobConfig, overrides=["eval.suites.retrieval.ks=[1,2]", "eval.seed=3"])
+    assert cfg.eval.suites["retrieval"].ks == (1, 2) and cfg.eval.seed == 3
 
 
 def test_synthetic_rows_are_deterministic_and_bad_rows_are_skipped_with_a_reason():
@@ -178,4 +178,4 @@ def test_model_ref_label_defaults():
 
 def test_shipped_config_loads():
     cfg = load_config(EvaluateJobConfig, Path(__file__).resolve().parents[2] / "configs" / "evaluate" / "cluster.yaml")
-    assert cfg.eval.pool.max_actors == 8 and cfg.eval.retrieval.data.shards.startswith("s3://")
+    assert cfg.eval.pool.max_actors == 8 and cfg.eval.suites["retrieval"].data.shards.startswith("s3://")

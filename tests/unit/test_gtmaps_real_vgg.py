@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from robustfm.corruptions import corrupt_batch
 from robustfm.gtmaps import build_gt_mapper
-from robustfm.testing.hed_vgg import CONVERTED_NAME, _fold_input_space, default_cache_dir, load_hed_vgg16_state_dict
+from robustfm.gtmaps.hed import CONVERTED_NAME, _fold_input_space, default_cache_dir, load_hed_vgg16_state_dict
 
 SIZE = 96
 

@@ -18,15 +18,61 @@ hold one clean against several corrupted versions per image, so their accuracy l
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from robustfm.config.core import check
+from robustfm.evals import SUITES
 from robustfm.evals.actors import FieldSpec, ScoringActor
+from robustfm.evals.config import EvalDataConfig
 from robustfm.evals.metrics import MetricSpec, MetricTable, detection_metrics, two_prompt_probability
 from robustfm.evals.suite import Plot, Suite, SuiteOutput, resolve_names
 from robustfm.seeding import sample_seed
+
+# Object-agnostic prompts of CG-CLIP (paper 000, stage 1); lists so that more phrasings can be averaged.
+CLEAN_PROMPTS = ("a clean photograph", "a clean photo", "a sharp, undistorted photo")
+CORRUPT_PROMPTS = ("a corrupt photograph", "a corrupted photo", "a noisy, blurry or distorted photo")
+
+
+@dataclass(frozen=True)
+class CorruptionDetectionConfig:
+    """Clean-vs-corrupted detection from image embeddings (CG-CLIP's evaluation, appendix A.2)."""
+
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    """Images to corrupt; each is scored clean and once per corruption."""
+    corruptions: tuple[str, ...] | None = None
+    """Corruptions to apply (None: the ``seen`` then ``unseen`` sets of ``robustfm.corruptions.CORRUPTION_SETS``)."""
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    """Severities drawn per (image, corruption) from the sample's seed, uniformly."""
+    clean_prompts: tuple[str, ...] = CLEAN_PROMPTS
+    """Zero-shot prompts of the "clean" class (their normalized text embeddings are averaged)."""
+    corrupt_prompts: tuple[str, ...] = CORRUPT_PROMPTS
+    """Zero-shot prompts of the "corrupt" class."""
+    probe_train_fraction: float = 0.5
+    """Images (by a hash of their id) whose clean and corrupted embeddings train the linear probe; the rest test."""
+    probe_train_set: str = "seen"
+    """Which corruptions the probe sees in training: a ``CORRUPTION_SETS`` name or ``all`` (tests use every one)."""
+    probe_c: float = 1.0
+    """Inverse L2 regularization of the logistic-regression probe."""
+    threshold: float = 0.5
+    """Decision threshold on P(corrupt) for accuracy and F1 (AUROC is threshold-free)."""
+
+    def __post_init__(self) -> None:
+        check(
+            len(self.severities) > 0 and all(1 <= s <= 5 for s in self.severities),
+            "severities",
+            self.severities,
+            "must be a non-empty list of values in 1..5",
+        )
+        check(len(self.clean_prompts) > 0, "clean_prompts", self.clean_prompts, "must not be empty")
+        check(len(self.corrupt_prompts) > 0, "corrupt_prompts", self.corrupt_prompts, "must not be empty")
+        check(0 < self.probe_train_fraction < 1, "probe_train_fraction", self.probe_train_fraction, "must be in (0, 1)")
+        check(self.probe_c > 0, "probe_c", self.probe_c, "must be positive")
+        check(0 < self.threshold < 1, "threshold", self.threshold, "must be in (0, 1)")
+
 
 CLEAN = "clean"
 _DETECTORS = ("zero_shot", "probe")
@@ -42,16 +88,40 @@ def in_probe_train_split(sample_id: str, fraction: float, seed: int) -> bool:
     return sample_seed(sample_id, 0, "eval_probe_split", seed) / 2.0**63 < fraction
 
 
+@dataclass(frozen=True)
+class ZeroShotDetector:
+    """The zero-shot clean-vs-corrupted detector of a CLIP model: P(corrupt) is the softmax over the model's own
+    logit scale times the cosines to the mean "clean" and mean "corrupt" prompt embeddings (prompt ensembles: mean of
+    normalized embeddings, renormalized, CLIP's recipe). The suite's scorer and a recipe's in-loop validation both
+    use it, so a sweep's validation AUROC and a milestone's measure the same thing."""
+
+    clean_text: np.ndarray
+    corrupt_text: np.ndarray
+    logit_scale: float
+
+    @classmethod
+    def of(cls, model: Any, clean_prompts: Sequence[str], corrupt_prompts: Sequence[str]) -> ZeroShotDetector:
+        """Encode the prompts with ``model`` (a ClipModel) and read its temperature, without gradients."""
+        import torch
+
+        with torch.no_grad():
+            clean = model.encode_text(list(clean_prompts), normalize=True).double().mean(0).cpu().numpy()
+            corrupt = model.encode_text(list(corrupt_prompts), normalize=True).double().mean(0).cpu().numpy()
+            scale = float(model.logit_scale.detach().exp().reshape(-1)[0])
+        return cls(clean / np.linalg.norm(clean), corrupt / np.linalg.norm(corrupt), scale)
+
+    def p_corrupt(self, embeddings: np.ndarray) -> np.ndarray:
+        """P(corrupt) of L2-normalized image embeddings ``(N, E)``."""
+        return two_prompt_probability(
+            np.asarray(embeddings, dtype=np.float64), self.clean_text, self.corrupt_text, self.logit_scale
+        )
+
+
 class CorruptionDetectionScorer(ScoringActor):
     """Embeds each image clean and under every corruption; adds the zero-shot P(corrupt) of each embedding."""
 
     def setup(self) -> None:
-        clean = self.model.encode_text(list(self.params["clean_prompts"]), normalize=True).float()
-        corrupt = self.model.encode_text(list(self.params["corrupt_prompts"]), normalize=True).float()
-        # Prompt ensembles: mean of normalized embeddings, renormalized (CLIP's recipe).
-        self.clean_text = _unit(clean.mean(0).cpu().numpy())
-        self.corrupt_text = _unit(corrupt.mean(0).cpu().numpy())
-        self.logit_scale = float(self.model.logit_scale.detach().exp().reshape(-1)[0])
+        self.detector = ZeroShotDetector.of(self.model, self.params["clean_prompts"], self.params["corrupt_prompts"])
 
     def output_fields(self) -> dict[str, FieldSpec]:
         return {
@@ -75,24 +145,17 @@ class CorruptionDetectionScorer(ScoringActor):
 
     def _rows(self, ids: list[str], pixels: Any, corruption: str, severities: list[int]) -> list[dict[str, Any]]:
         embeddings = self.encode_images(pixels).cpu().numpy()
-        p_corrupt = two_prompt_probability(
-            embeddings.astype(np.float64), self.clean_text, self.corrupt_text, self.logit_scale
-        )
+        p_corrupt = self.detector.p_corrupt(embeddings)
         return [
             {"id": i, "corruption": corruption, "severity": s, "embedding": e, "p_corrupt": p}
             for i, s, e, p in zip(ids, severities, embeddings, p_corrupt, strict=True)
         ]
 
 
-def _unit(vector: np.ndarray) -> np.ndarray:
-    vector = vector.astype(np.float64)
-    return vector / np.linalg.norm(vector)
-
-
+@SUITES.register("corruption_detection", config=CorruptionDetectionConfig)
 class CorruptionDetectionSuite(Suite):
     name = "corruption_detection"
     version = "1"
-    config_section = "corruption_detection"
     scorer = CorruptionDetectionScorer
     sort_keys = ("id", "corruption")
     metric_specs = (

@@ -7,20 +7,41 @@ ends included), with ``f`` the L2-normalized image embedding:
 - ``worst_cosine`` = min_j cos(f(P(x, k_j)), f(x));
 - ``divergence_radius`` = radius of the minimum enclosing ball of {f(P(x, k_j))} (Welzl, ``miniball``).
 
-Per perturbation, the suite reports the mean over images of each, and the plot shows the mean cosine at each value.
+Per perturbation, the suite reports the mean over images of each, and ``<perturbation>:<value>/cosine``, the mean
+cosine at each value (named like the ``zero_shot`` suite's conditions, so that embedding change and accuracy drop
+line up value by value: paper 004's "robustness values predict performance impacts"); the plot shows the latter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from robustfm.config.core import check
+from robustfm.evals import SUITES
 from robustfm.evals.actors import FieldSpec, ScoringActor
+from robustfm.evals.config import EvalDataConfig
 from robustfm.evals.metrics import MetricSpec, MetricTable, divergence_radius, mean_of
-from robustfm.evals.suite import Plot, Suite, SuiteOutput, resolve_names
+from robustfm.evals.suite import Plot, Suite, SuiteOutput, condition_name, resolve_names
 from robustfm.seeding import sample_seed
+
+
+@dataclass(frozen=True)
+class EmbeddingRobustnessConfig:
+    """Embedding stability over perturbation sweeps (paper 004): mean/worst cosine and DivergenceRadius."""
+
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    """Images to perturb."""
+    perturbations: tuple[str, ...] | None = None
+    """Perturbations to sweep (None: every registered one)."""
+    steps: int = 9
+    """Equally spaced parameter values per perturbation, ends included."""
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 2, "steps", self.steps, "must be >= 2 (an enclosing ball of one point is trivial)")
 
 
 class EmbeddingRobustnessScorer(ScoringActor):
@@ -60,10 +81,10 @@ class EmbeddingRobustnessScorer(ScoringActor):
         return rows
 
 
+@SUITES.register("embedding_robustness", config=EmbeddingRobustnessConfig)
 class EmbeddingRobustnessSuite(Suite):
     name = "embedding_robustness"
-    version = "1"
-    config_section = "embedding_robustness"
+    version = "2"
     scorer = EmbeddingRobustnessScorer
     sort_keys = ("id", "perturbation")
     metric_specs = (
@@ -80,6 +101,7 @@ class EmbeddingRobustnessSuite(Suite):
             "lower",
             "mean over images of the minimum-enclosing-ball radius of the L2-normalized perturbed embeddings (Welzl)",
         ),
+        MetricSpec("cosine", "higher", "mean over images of the cosine between perturbed and clean embeddings"),
     )
 
     def scorer_params(self, dataset: Any) -> dict[str, Any]:
@@ -105,6 +127,8 @@ class EmbeddingRobustnessSuite(Suite):
                 value = float(per_image_values.mean())
                 summary[family][name] = value
                 metrics.add(f"{name}/{family}", value, self.spec(family))
+            for parameter, cosine in zip(values, cosines[mask].mean(axis=0), strict=True):
+                metrics.add(f"{condition_name(name, parameter)}/cosine", float(cosine), self.spec("cosine"))
             table.append(
                 {
                     "perturbation": name,

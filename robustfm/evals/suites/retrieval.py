@@ -9,15 +9,35 @@ embeddings; ties are broken by gallery order (stable sort), never at random.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from robustfm.config.core import check
+from robustfm.evals import SUITES
 from robustfm.evals.actors import FieldSpec, ScoringActor
+from robustfm.evals.config import EvalDataConfig
 from robustfm.evals.metrics import MetricSpec, MetricTable, recall_at_k
 from robustfm.evals.suite import Plot, Suite, SuiteOutput
 
 TOO_FEW_CAPTIONS = "too_few_captions"
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Image-to-text and text-to-image retrieval over COCO-style captions."""
+
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    """Images with a ``captions`` list column."""
+    captions_per_image: int = 5
+    """Captions used per image (the first N; COCO has 5). Images with fewer are skipped and counted."""
+    ks: tuple[int, ...] = (1, 5, 10)
+    """Recall@K cut-offs."""
+
+    def __post_init__(self) -> None:
+        check(self.captions_per_image >= 1, "captions_per_image", self.captions_per_image, "must be >= 1")
+        check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), "ks", self.ks, "must be positive integers")
 
 
 class RetrievalScorer(ScoringActor):
@@ -45,10 +65,10 @@ class RetrievalScorer(ScoringActor):
         return rows
 
 
+@SUITES.register("retrieval", config=RetrievalConfig)
 class RetrievalSuite(Suite):
     name = "retrieval"
     version = "1"
-    config_section = "retrieval"
     scorer = RetrievalScorer
     columns = ("captions",)
     metric_specs = (

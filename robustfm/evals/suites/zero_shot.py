@@ -8,21 +8,52 @@ Conditions: ``clean``; ``<corruption>:<severity>`` for each corruption and sever
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from robustfm.config.core import check
+from robustfm.evals import SUITES
 from robustfm.evals.actors import FieldSpec, ScoringActor
+from robustfm.evals.config import EvalDataConfig
 from robustfm.evals.metrics import MetricSpec, MetricTable, mean_of, topk_correct
-from robustfm.evals.suite import Plot, Suite, SuiteOutput, resolve_names
+from robustfm.evals.suite import Plot, Suite, SuiteOutput, condition_name, resolve_names
 from robustfm.seeding import sample_seed
 
+# A short subset of CLIP's ImageNet templates; ``{}`` is the class name.
+CLASS_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a good photo of a {}.", "a photo of the large {}.")
+
+
+@dataclass(frozen=True)
+class ZeroShotConfig:
+    """Zero-shot classification with class-name prompts, clean and under corruptions and perturbations."""
+
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    """Labelled images (``label``, ``class_name`` columns); class names are read from the data, ordered by label."""
+    templates: tuple[str, ...] = CLASS_TEMPLATES
+    """Prompt templates with one ``{}`` for the class name; a class's text embedding is their normalized mean."""
+    corruptions: tuple[str, ...] | None = None
+    """Corruptions to evaluate under (None: ``seen`` + ``unseen`` sets; empty: none, clean and perturbations only)."""
+    severities: tuple[int, ...] = (3,)
+    """Severities per corruption (each is its own condition)."""
+    perturbations: tuple[str, ...] | None = None
+    """Perturbations to evaluate under (None: every registered one; empty: none)."""
+    perturbation_steps: int = 3
+    """Equally spaced values per perturbation (``robustfm.perturbations.sweep``); each value is a condition."""
+
+    def __post_init__(self) -> None:
+        check(
+            len(self.templates) > 0 and all("{}" in t for t in self.templates),
+            "templates",
+            self.templates,
+            "must be a non-empty list of strings with one '{}'",
+        )
+        check(all(1 <= s <= 5 for s in self.severities), "severities", self.severities, "must be in 1..5")
+        check(self.perturbation_steps >= 1, "perturbation_steps", self.perturbation_steps, "must be >= 1")
+
+
 CLEAN = "clean"
-
-
-def condition_name(edit: str, parameter: float | int) -> str:
-    """``gaussian_noise:3``, ``jpeg_quality:55`` (a metric-key-safe name of one evaluation condition)."""
-    return f"{edit}:{parameter:g}"
 
 
 class ZeroShotScorer(ScoringActor):
@@ -78,10 +109,10 @@ class ZeroShotScorer(ScoringActor):
         ]
 
 
+@SUITES.register("zero_shot", config=ZeroShotConfig)
 class ZeroShotSuite(Suite):
     name = "zero_shot"
     version = "1"
-    config_section = "zero_shot"
     scorer = ZeroShotScorer
     columns = ("label", "class_name")
     sort_keys = ("id", "condition")
@@ -96,8 +127,12 @@ class ZeroShotSuite(Suite):
         from robustfm.perturbations import PERTURBATIONS, sweep
 
         default_corruptions = list(CORRUPTION_SETS["seen"]) + list(CORRUPTION_SETS["unseen"])
-        corruptions = resolve_names(self.section.corruptions, default_corruptions, CORRUPTIONS, "corruption")
-        perturbations = resolve_names(self.section.perturbations, PERTURBATIONS.names(), PERTURBATIONS, "perturbation")
+        corruptions = resolve_names(
+            self.section.corruptions, default_corruptions, CORRUPTIONS, "corruption", allow_empty=True
+        )
+        perturbations = resolve_names(
+            self.section.perturbations, PERTURBATIONS.names(), PERTURBATIONS, "perturbation", allow_empty=True
+        )
         steps = self.section.perturbation_steps
         classes = class_names_by_label(dataset)
         return {

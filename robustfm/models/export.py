@@ -1,14 +1,14 @@
-"""Export a fine-tuned CLIP without its corruption decoder, and WiSE-FT weight interpolation of the image tower.
+"""Export a fine-tuned CLIP in open_clip's layout, and WiSE-FT weight interpolation of the image tower.
 
 The exported file is a safetensors state dict in open_clip's own layout (``visual.*`` for the image tower,
-``transformer.*``, ``token_embedding.*``, ... for the text tower), taken from the open_clip model inside the
-:class:`~robustfm.models.clip.ClipModel`. The decoder lives outside that model, so it cannot leak into the file:
-``open_clip.create_model(arch)`` followed by ``load_state_dict`` (strict) loads it back, and so does
-``robustfm.models.create_model(name, pretrained=path)``.
+``transformer.*``, ``token_embedding.*``, ... for the text tower), taken from the open_clip model inside a
+:class:`~robustfm.models.clip.ClipModel`. Method-only heads (CG-CLIP's decoder) live outside that model, so they
+cannot leak into the file: ``open_clip.create_model(arch)`` followed by ``load_state_dict`` (strict) loads it back,
+and so does ``robustfm.models.create_model(name, pretrained=path)``.
 
 WiSE-FT (Wortsman et al., 2022) mixes the pretrained and fine-tuned weights, ``(1 - alpha) * pretrained + alpha *
-fine-tuned``, to trade the new skill (corruption detection) against what CLIP already knew (zero-shot accuracy).
-Here it is applied to the image tower only; the text tower and temperature are exported as fine-tuned.
+fine-tuned``, to trade a method's new skill against what CLIP already knew (zero-shot accuracy). Here it is applied
+to the image tower only; the text tower and temperature are exported as fine-tuned.
 """
 
 from __future__ import annotations
@@ -19,24 +19,19 @@ from pathlib import Path
 
 import torch
 
-from robustfm.methods.cgclip import CGClipModel
 from robustfm.models.clip import ClipModel, open_clip_state_dict
 
 IMAGE_TOWER_PREFIX = "visual."
 """open_clip's CLIP keeps its image tower in the ``visual`` submodule; its state-dict keys start with this."""
 
 
-def _clip_of(model: CGClipModel | ClipModel) -> ClipModel:
-    return model.clip if isinstance(model, CGClipModel) else model
-
-
-def clip_state_dict(model: CGClipModel | ClipModel) -> dict[str, torch.Tensor]:
+def clip_state_dict(model: ClipModel) -> dict[str, torch.Tensor]:
     """Detached CPU copy of the open_clip state dict of ``model``, decoder excluded.
 
     Keys and shapes are open_clip's own (``logit_scale`` back to 0-dim), so the dict loads strictly into
     ``open_clip.create_model(arch)``.
     """
-    state = open_clip_state_dict(_clip_of(model))
+    state = open_clip_state_dict(model)
     return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
 
 
@@ -105,7 +100,7 @@ def _write(state: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str,
 
 
 def export_image_tower(
-    model: CGClipModel | ClipModel,
+    model: ClipModel,
     path: str | Path,
     *,
     image_state: Mapping[str, torch.Tensor] | None = None,
@@ -115,7 +110,7 @@ def export_image_tower(
     """Write the fine-tuned CLIP's image tower (and by default its text tower) as safetensors, without the decoder.
 
     Args:
-        model: a :class:`CGClipModel` or a ClipModel.
+        model: the fine-tuned ClipModel.
         path: the ``.safetensors`` file to write.
         image_state: ``visual.*`` weights to export instead of the model's own (e.g. a WiSE-FT mix).
         include_text_tower: True writes the whole open_clip state dict, loadable with a strict ``load_state_dict``
@@ -138,7 +133,7 @@ def export_image_tower(
         state = image_tower_state(state)
     header = {
         "format": "open_clip",
-        "arch": str(_clip_of(model).arch),
+        "arch": str(model.arch),
         "towers": "image+text" if include_text_tower else "image",
     }
     header.update({str(k): str(v) for k, v in (metadata or {}).items()})
@@ -146,7 +141,7 @@ def export_image_tower(
 
 
 def export_wise_ft(
-    model: CGClipModel | ClipModel,
+    model: ClipModel,
     pretrained_state: Mapping[str, torch.Tensor],
     out_dir: str | Path,
     alphas: Sequence[float],
@@ -156,7 +151,7 @@ def export_wise_ft(
     """Export one file per WiSE-FT coefficient, mixing the image tower between pretrained and fine-tuned.
 
     Args:
-        model: the fine-tuned :class:`CGClipModel` or ClipModel.
+        model: the fine-tuned ClipModel.
         pretrained_state: the open_clip state dict before fine-tuning (:func:`clip_state_dict` of the model taken
             before stage 1); only its ``visual.*`` entries are used.
         out_dir: folder for ``clip_wiseft_alpha{alpha:.2f}.safetensors``.

@@ -34,7 +34,7 @@ def mlflow_client(uri: str) -> Any:
 
 def experiment_id(client: Any, name: str, uri: str) -> str:
     """The experiment's id, created (artifacts next to a SQLite store) when missing."""
-    from robustfm.tracking_writer import artifact_location_for
+    from robustfm.tracking.writer import artifact_location_for
 
     found = client.get_experiment_by_name(name)
     if found is not None:

@@ -1,4 +1,5 @@
-"""The recipe's "pretrained" milestone is the model its first stage trains from, also for random-init backbones."""
+"""The recipe kit: the task builder builds any registered method, and a recipe's "pretrained" milestone is the model
+its first stage trains from, also for random-init backbones."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from pathlib import Path
 import torch
 
 from robustfm.config import load_config
-from robustfm.recipes.cgclip import CGClipTaskBuilder, _initial_task
 from robustfm.recipes.cgclip_config import CGClipRecipeConfig
+from robustfm.recipes.kit import TaskBuilder
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "cgclip" / "demo.yaml"
 
@@ -16,7 +17,11 @@ DEMO = Path(__file__).resolve().parents[2] / "configs" / "cgclip" / "demo.yaml"
 def _engine_build(cfg: CGClipRecipeConfig) -> torch.nn.Module:
     # What robustfm.train.loop does before the first stage (the recipe passes seed=cfg.seed to the engine).
     torch.manual_seed(cfg.seed)
-    return CGClipTaskBuilder(cfg.model, cfg.method)()
+    return TaskBuilder("cgclip", cfg.model, cfg.method)()
+
+
+def _initial_task(cfg: CGClipRecipeConfig) -> torch.nn.Module:
+    return TaskBuilder("cgclip", cfg.model, cfg.method).initial(cfg.seed)
 
 
 def test_initial_task_matches_the_engines_random_init_and_leaves_the_global_rng_alone() -> None:
@@ -33,3 +38,18 @@ def test_initial_task_matches_the_engines_random_init_and_leaves_the_global_rng_
     other = load_config(CGClipRecipeConfig, DEMO, ["seed=4", "method.decoder_channels=[16,8,4]"])
     image_key = next(k for k in recipe.state_dict() if "visual" in k and k.endswith("weight"))
     assert not torch.equal(_initial_task(other).state_dict()[image_key], recipe.state_dict()[image_key])
+
+
+def test_builder_loads_saved_task_weights(tmp_path) -> None:
+    from robustfm.models.weights import save_weights
+
+    cfg = load_config(CGClipRecipeConfig, DEMO, ["method.decoder_channels=[16,8,4]"])
+    builder = TaskBuilder("cgclip", cfg.model, cfg.method)
+    torch.manual_seed(0)
+    saved = builder()
+    save_weights(saved, tmp_path / "task.safetensors")
+    torch.manual_seed(1)  # a different random init: only the file can make the two equal
+    loaded = builder.from_weights(tmp_path / "task.safetensors")()
+    for (name, a), (_, b) in zip(saved.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert builder.from_weights(None).init_weights is None

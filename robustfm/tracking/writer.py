@@ -1,6 +1,6 @@
 """The background side of :mod:`robustfm.tracking`: an MLflow sink, the writer thread, and the fallback replay.
 
-The caller only appends operations (:mod:`robustfm.tracking_ops`) to an ordered queue; one writer thread per tracker
+The caller only appends operations (:mod:`robustfm.tracking.ops`) to an ordered queue; one writer thread per tracker
 applies them to MLflow. A failure that may pass (server down, database locked) keeps the operation at the head of the
 queue and is retried with backoff, so nothing is reordered or lost; a failure that cannot pass (a rejected value) drops
 only the offending entries. What is still unwritten when the tracker closes is replayed into a local SQLite fallback
@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from robustfm.tracking_ops import (
+from robustfm.tracking.ops import (
     LOCAL_ID_PREFIX,
     EndRun,
     LogArtifact,

@@ -1,0 +1,82 @@
+"""Config sections every recipe shares: what a milestone measures and what is exported. Imports no torch or ray."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from robustfm.config import check
+from robustfm.evals.config import EvalConfig
+
+
+@dataclass(frozen=True)
+class MilestoneEvalConfig:
+    """What is measured at each milestone (pretrained, after each stage) and on the WiSE-FT mixes."""
+
+    enabled: bool = True
+    """Evaluate at milestones (False: train and export only, e.g. in sweeps and smoke runs)."""
+    suites: tuple[str, ...] = ("zero_shot",)
+    """Suites run at every milestone (``robustfm.evals.SUITES`` names); each recipe sets its own default."""
+    tsne: bool = True
+    """Save a t-SNE PNG of clean vs edited image embeddings at each milestone (recipes that have an edit)."""
+    tsne_samples: int = 256
+    """Images (each clean and edited) in the t-SNE plot."""
+    settings: EvalConfig = field(default_factory=EvalConfig)
+    """Seed, actor pool and every suite's section (``settings.suites.<suite>``); a suite whose ``data.shards`` is
+    null reads the recipe's own evaluation split."""
+
+    def __post_init__(self) -> None:
+        from robustfm.evals import SUITES
+
+        for name in self.suites:
+            try:
+                SUITES.check(name)
+            except KeyError as err:
+                check(False, "suites", name, str(err))
+        check(self.tsne_samples >= 8, "tsne_samples", self.tsne_samples, "must be >= 8")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The exported model (open_clip layout, method-only heads left out) and its WiSE-FT mixes."""
+
+    wise_ft_alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    """Mixing coefficients between the pretrained (0) and the fine-tuned (1) image tower; each is exported and
+    evaluated, and the recipe's headline metric is plotted against zero-shot retention. Empty: export the
+    fine-tuned model only."""
+
+    def __post_init__(self) -> None:
+        check(all(0 <= a <= 1 for a in self.wise_ft_alphas), "wise_ft_alphas", self.wise_ft_alphas, "must be in [0, 1]")
+
+
+def missing_inputs(
+    shards: Mapping[str, tuple[str | None, Mapping[str, str]]], weights: Mapping[str, str | None]
+) -> list[str]:
+    """What a run needs on local disk and lacks, as ``field: message`` lines (``s3://`` paths are checked by the run).
+
+    Args:
+        shards: config field -> (shard directory or None, {split field: split it must have}).
+        weights: config field -> a weights value; one that looks like a path (has a ``/`` or a weights suffix) must
+            be an existing file (tags such as ``openai`` and torchvision names pass).
+    """
+    problems = []
+    for field_name, (path, split_fields) in shards.items():
+        if path is None or path.startswith("s3://"):
+            continue
+        manifest = Path(path) / "manifest.json"
+        if not manifest.is_file():
+            problems.append(
+                f"{field_name}: no shards at {path!r} (expected {path}/manifest.json, written by jobs/prepare_data.py)"
+            )
+            continue
+        splits = sorted(json.loads(manifest.read_text()).get("splits", {}))
+        for split_field, split in split_fields.items():
+            if split not in splits:
+                problems.append(f"{split_field}: no split {split!r} in {path} (its splits: {', '.join(splits)})")
+    for field_name, value in weights.items():
+        looks_like_path = value is not None and ("/" in value or value.endswith((".safetensors", ".pt", ".pth")))
+        if looks_like_path and not value.startswith("s3://") and not Path(value).is_file():
+            problems.append(f"{field_name}: weights file {value!r} does not exist")
+    return problems
