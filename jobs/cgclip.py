@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         print("config error: " + "\n  ".join(problems), file=sys.stderr)
         return 2
     configure_job_logging(Path(cfg.output_dir) / cfg.name, verbose=args.verbose)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, verbose=args.verbose)
     from robustfm.recipes.cgclip import run
 
     run(cfg)

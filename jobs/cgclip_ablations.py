@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         print("config error: " + "\n  ".join(problems), file=sys.stderr)
         return 2
     configure_job_logging(Path(base.output_dir) / base.name, verbose=args.verbose)
-    init_ray(base.ray)
+    init_ray(base.ray, verbose=args.verbose)
     from robustfm.recipes.cgclip_ablations import run_ablations
 
     run_ablations(base, variants)

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     configure_job_logging(plan.experiment_dir, verbose=args.verbose)
-    init_ray(plan.base.ray)
+    init_ray(plan.base.ray, verbose=args.verbose)
     from robustfm.sweeps.tune import run_sweep
 
     result = run_sweep(plan)

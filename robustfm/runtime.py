@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from robustfm.config.schema import RayConfig
@@ -20,32 +22,54 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_ray(cfg: RayConfig, log_to_driver: bool = True) -> None:
+def init_ray(cfg: RayConfig, log_to_driver: bool = True, verbose: bool = False) -> None:
     """Join the cluster (``address``, or ``$RAY_ADDRESS`` as set by ``ray job submit``) or start an embedded Ray;
     nothing when this process already has Ray.
 
-    The embedded Ray binds to 127.0.0.1, and its dashboard (off by default) too. ``log_to_driver=False`` keeps the
-    workers' output out of this process's console (jobs that print their own progress).
+    The embedded Ray binds to 127.0.0.1, its dashboard too (``include_dashboard``: it also serves the State API,
+    without which Ray Train's placement-group cleaner warns every second). ``log_to_driver=False`` keeps the workers'
+    output out of this process's console (jobs that print their own progress). Unless ``verbose``, Ray's libraries
+    and third-party code in the workers log at WARNING and above: robustfm's own progress still shows.
     """
     import ray
 
     if ray.is_initialized():
         return
+    logging_config = None if verbose else ray.LoggingConfig(log_level="WARNING")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    with _driver_logging_kept():  # Ray's logging config would replace this process's console set-up
+        if address:
+            ray.init(address=address, log_to_driver=log_to_driver, logging_config=logging_config)
+        else:
+            ray.init(
+                # "local": always a new embedded Ray; without it, ray.init joins a head that `ray start` left here.
+                address="local",
+                num_cpus=cfg.num_cpus,
+                include_dashboard=cfg.include_dashboard,
+                dashboard_host="127.0.0.1",
+                log_to_driver=log_to_driver,
+                logging_config=logging_config,
+                _node_ip_address="127.0.0.1",
+            )
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
         logger.info("joined Ray at %s", address)
-        return
-    ray.init(
-        # "local": always a new embedded Ray; without it, ray.init joins a head that `ray start` left on this host.
-        address="local",
-        num_cpus=cfg.num_cpus,
-        include_dashboard=cfg.include_dashboard,
-        dashboard_host="127.0.0.1",
-        log_to_driver=log_to_driver,
-        _node_ip_address="127.0.0.1",
-    )
-    logger.info("started an embedded Ray with %s CPUs", cfg.num_cpus or os.cpu_count())
+    else:
+        logger.info("started an embedded Ray with %s CPUs", cfg.num_cpus or os.cpu_count())
+
+
+@contextlib.contextmanager
+def _driver_logging_kept() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        if handlers:  # a job configured its console (configure_job_logging): put it back
+            for handler in list(root.handlers):
+                root.removeHandler(handler)
+            for handler in handlers:
+                root.addHandler(handler)
+            root.setLevel(level)
 
 
 class _OwnRecords(logging.Filter):
@@ -82,14 +106,15 @@ def configure_job_logging(output_dir: str | Path, verbose: bool = False) -> Path
     root.addHandler(to_console)
     logging.captureWarnings(True)  # warnings become records of "py.warnings": to the file, not the console
     warnings.simplefilter("default")
-    if not verbose and "RAY_DATA_LOGGING_CONFIG" not in os.environ:
-        os.environ["RAY_DATA_LOGGING_CONFIG"] = str(_quiet_ray_data_config(log_dir))
+    if not verbose:
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(_quiet_ray_data_config(log_dir)))
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow's own console handler ("Creating tables")
     logger.info("logs of this job (Ray, Ray Data, warnings): %s", log_file)
     return log_file
 
 
 def _quiet_ray_data_config(log_dir: Path) -> Path:
-    """Ray Data's own logging config with its console handler raised to WARNING (its file log is unchanged)."""
+    """Ray Data's own logging config with its console handler raised to ERROR (its file log is unchanged)."""
     import yaml
 
     config = {
@@ -102,7 +127,7 @@ def _quiet_ray_data_config(log_dir: Path) -> Path:
                 "formatter": "ray",
                 "filename": "ray-data.log",
             },
-            "console": {"class": "ray._private.log.PlainRayHandler", "formatter": "ray", "level": "WARNING"},
+            "console": {"class": "ray._private.log.PlainRayHandler", "formatter": "ray", "level": "ERROR"},
         },
         "loggers": {"ray.data": {"level": "DEBUG", "handlers": ["file", "console"], "propagate": False}},
     }

@@ -16,8 +16,9 @@ class RayConfig:
     """None starts an embedded local Ray (a laptop); ``"auto"`` joins the cluster a ``ray job submit`` runs on."""
     num_cpus: int | None = None
     """CPUs of the embedded local Ray (None: all of this machine's). Ignored when joining a cluster."""
-    include_dashboard: bool = False
-    """Start the dashboard with the embedded Ray (it binds 127.0.0.1)."""
+    include_dashboard: bool = True
+    """Start the dashboard with the embedded Ray (it binds 127.0.0.1). It also serves Ray's State API, which Ray
+    Train uses to clean up after a run; without it the cleaner warns every second and may outlive its run."""
 
     def __post_init__(self) -> None:
         check(self.num_cpus is None or self.num_cpus > 0, "num_cpus", self.num_cpus, "must be positive")

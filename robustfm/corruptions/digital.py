@@ -124,6 +124,7 @@ class _PixelatePlan:
 
 
 _PIXELATE_BLOCK = 32  # output columns per product: each depends on a few input columns only
+_PIXELATE_CHUNK = 4  # images per pass: the intermediate rows of a chunk stay in cache between the steps
 
 
 @lru_cache(maxsize=32)
@@ -163,17 +164,24 @@ def pixelate(images: Tensor, severity: int, draws: Mapping[str, Tensor]) -> Tens
     """
     n, c, h, w = images.shape
     plan = _pixelate_plan(h, w, PIXELATE_FACTOR[severity - 1], images.dtype, images.device)
-    flat = images.reshape(n * c, h, w)
-    if plan.row_box is None:
-        rows = torch.matmul(plan.rows, flat)
-    else:
-        # An extra box, when needed, collects the rows that belong to none.
-        rows = images.new_zeros((n * c, plan.boxes, w)).index_add_(1, plan.row_box, flat)[:, : plan.small_h]
-        rows.mul_(plan.row_scale)
-    small = rows.new_empty((n * c, plan.small_h, w))
-    for first, last, lo, hi in plan.column_blocks:
-        torch.matmul(rows[..., lo:hi], plan.columns_t[lo:hi, first:last], out=small[..., first:last])
-    return small.clamp_(0, 1).index_select(1, plan.row_index).view(n, c, h, w)
+    out = torch.empty((n, c, h, w), dtype=images.dtype, device=images.device)
+    chunk = min(n, _PIXELATE_CHUNK) * c
+    rows_buffer = images.new_empty((chunk, plan.boxes, w))
+    small_buffer = images.new_empty((chunk, plan.small_h, w))
+    for start in range(0, n, _PIXELATE_CHUNK):
+        flat = images[start : start + _PIXELATE_CHUNK].reshape(-1, h, w)
+        if plan.row_box is None:
+            rows = torch.matmul(plan.rows, flat)
+        else:
+            # An extra box, when needed, collects the rows that belong to none.
+            rows = rows_buffer[: len(flat)].zero_().index_add_(1, plan.row_box, flat)[:, : plan.small_h]
+            rows.mul_(plan.row_scale)
+        small = small_buffer[: len(flat)]
+        for first, last, lo, hi in plan.column_blocks:
+            torch.matmul(rows[..., lo:hi], plan.columns_t[lo:hi, first:last], out=small[..., first:last])
+        target = out[start : start + _PIXELATE_CHUNK].view(-1, h, w)
+        torch.index_select(small.clamp_(0, 1), 1, plan.row_index, out=target)
+    return out
 
 
 @register_corruption("jpeg_compression", JPEG_QUALITY, kind="digital")

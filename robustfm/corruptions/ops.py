@@ -142,19 +142,41 @@ def correlate2d(images: Tensor, kernel: Tensor, mode: str = "mirror") -> Tensor:
     n, c, h, w = images.shape
     kh, kw = kernel.shape
     ry, rx = kh // 2, kw // 2
-    flat = images.reshape(n * c, 1, h, w)
-    if mode == "mirror" and ry < h and rx < w:
-        padded = F.pad(flat, (rx, rx, ry, ry), mode="reflect")  # torch's "reflect" is OpenCV's REFLECT_101
-    else:
-        padded = pad2d(flat, (ry, ry), (rx, rx), mode)
-    kernel = kernel.to(device=images.device, dtype=images.dtype)
+    padded = pad2d(images.reshape(n * c, 1, h, w), (ry, ry), (rx, rx), mode)
     if kh < 11:
-        return F.conv2d(padded, kernel.view(1, 1, kh, kw)).reshape(n, c, h, w)
-    ph, pw = padded.shape[-2:]
-    # Correlation = convolution with the flipped kernel; the valid part of the circular result is exact.
-    spectrum = torch.fft.rfft2(padded, s=(ph, pw)) * torch.fft.rfft2(kernel.flip(0, 1), s=(ph, pw))
-    full = torch.fft.irfft2(spectrum, s=(ph, pw))
-    return full[..., kh - 1 :, kw - 1 :].reshape(n, c, h, w)
+        weight = kernel.to(device=images.device, dtype=images.dtype).view(1, 1, kh, kw)
+        return F.conv2d(padded, weight).reshape(n, c, h, w)
+    # Correlation = convolution with the flipped kernel. Any transform length from the padded size up leaves the
+    # valid part of the circular result exact, so take a fast (5-smooth) one.
+    size = (_fft_length(padded.shape[-2]), _fft_length(padded.shape[-1]))
+    spectrum = torch.fft.rfft2(padded, s=size)
+    key = kernel.detach().to("cpu", torch.float64).numpy().tobytes()
+    spectrum *= _kernel_spectrum(key, kh, kw, size, images.dtype, images.device)
+    full = torch.fft.irfft2(spectrum, s=size)
+    return full[..., kh - 1 : kh - 1 + h, kw - 1 : kw - 1 + w].reshape(n, c, h, w)
+
+
+@lru_cache(maxsize=64)
+def _fft_length(n: int) -> int:
+    """The smallest 2^a 3^b 5^c >= n: a transform length with a large prime factor costs several times more."""
+    length = n
+    while True:
+        rest = length
+        for prime in (2, 3, 5):
+            while rest % prime == 0:
+                rest //= prime
+        if rest == 1:
+            return length
+        length += 1
+
+
+@lru_cache(maxsize=16)
+def _kernel_spectrum(
+    kernel_bytes: bytes, kh: int, kw: int, size: tuple[int, int], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """rfft2 of the flipped float64 kernel (given as bytes, to key the cache) at transform ``size``."""
+    kernel = torch.frombuffer(bytearray(kernel_bytes), dtype=torch.float64).view(kh, kw)
+    return torch.fft.rfft2(kernel.flip(0, 1).to(device, dtype), s=size)
 
 
 def clipped_zoom(images: Tensor, zoom: float) -> Tensor:

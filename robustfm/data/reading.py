@@ -93,13 +93,13 @@ def open_shards(
         raise ValueError(f"split {split!r} of {location.display()} has no images (every file was skipped?)")
     ordered_execution()
     files = [location.join(shard["file"]) for shard in shards]
-    return ray.data.read_parquet(
-        files,
-        filesystem=location.filesystem(),
-        columns=list(columns) if columns is not None else None,
-        include_paths=include_paths,
-        file_extensions=None,
+    dataset = ray.data.read_parquet(
+        files, filesystem=location.filesystem(), include_paths=include_paths, file_extensions=None
     )
+    # A projection after the read: Ray Data pushes it down into the Parquet reader (only these columns are read).
+    if columns is not None:
+        dataset = dataset.select_columns([*columns, *(["path"] if include_paths else [])])
+    return dataset
 
 
 class _DecodeBatch:

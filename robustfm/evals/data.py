@@ -82,7 +82,9 @@ def load_eval_dataset(data: EvalDataConfig, seed: int, columns: Sequence[str], r
         # The first N ids are found from the id column alone; a Ray Data sort would move every image's bytes.
         ids = sorted(row["id"] for row in open_shards(data.shards, data.split, columns=["id"]).take_all())
         keep = frozenset(ids[: data.max_samples])
-        dataset = dataset.filter(lambda row: row["id"] in keep)
+        from ray.data.expressions import col
+
+        dataset = dataset.filter(expr=col("id").is_in(sorted(keep)))
     return dataset
 
 

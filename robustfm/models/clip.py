@@ -6,8 +6,10 @@ when a model is built, so importing this module (e.g. for ``ClipModel`` type hin
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -193,6 +195,23 @@ def load_clip_state_dict(model: ClipModel, state: Mapping[str, torch.Tensor], so
     load_checked_state_dict(model.clip, state, source)
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    """open_clip warns on the root logger when it builds without weights; here that is what was asked for (random
+    init, or weights loaded right after from a local file), so the warning would only alarm the reader."""
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def build_clip_model(arch: str, pretrained: str | None = None) -> ClipModel:
     """Build ``open_clip/<arch>``: random init (``pretrained=None``), a local weights file, or a pretrained tag.
 
@@ -210,7 +229,8 @@ def build_clip_model(arch: str, pretrained: str | None = None) -> ClipModel:
     tags = open_clip.list_pretrained_tags_by_model(arch)
     local_file = pretrained is not None and is_local_weights(pretrained, tags)
     if pretrained is None or local_file:
-        clip = open_clip.create_model(arch, pretrained=None)
+        with _without_random_init_warning():
+            clip = open_clip.create_model(arch, pretrained=None)
     else:
         check_pretrained_tag(name, pretrained, tags)
         tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)

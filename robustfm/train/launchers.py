@@ -75,6 +75,9 @@ def _configure_worker_logging() -> None:
         log.addHandler(handler)
     # Ray workers give the root logger a handler of their own: propagating would print every line twice.
     log.propagate = False
+    # Third-party INFO lines (open_clip's model construction, ...) would be relayed to the job's console: keep
+    # warnings and errors only. robustfm's own progress has its handler above.
+    logging.getLogger().setLevel(logging.WARNING)
 
 
 # --- Ray ------------------------------------------------------------------------------------------------------------
@@ -152,6 +155,7 @@ def run_ray(
 
     ``run_callbacks`` go to the TorchTrainer's ``RunConfig(callbacks=...)`` (e.g. Tune's ``TuneReportCallback``).
     """
+    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -160,6 +164,7 @@ def run_ray(
         num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=dict(cfg.resources_per_worker) or None
     )
     run_config = RunConfig(
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # Ray Train's own INFO lines go to its logs
         name=run_name,
         storage_path=storage,
         storage_filesystem=filesystem,

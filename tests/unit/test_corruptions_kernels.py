@@ -18,7 +18,8 @@ from _corruption_reference import reference_output, to_tensor
 from scipy import ndimage
 
 from robustfm.corruptions import corrupt
-from robustfm.corruptions.ops import correlate_separable, gaussian_kernel1d, pad2d
+from robustfm.corruptions.blur import DEFOCUS_BLUR_PARAMS, defocus_kernel
+from robustfm.corruptions.ops import correlate2d, correlate_separable, gaussian_kernel1d, pad2d
 from robustfm.corruptions.spatter import SPATTER_PARAMS, canny, chamfer_distance, water_shading
 
 SCIPY_MODE = {"nearest": "nearest", "reflect": "reflect", "mirror": "mirror"}
@@ -35,6 +36,20 @@ def test_gaussian_band_blocks_match_scipy(mode: str, shape: tuple[int, int], sig
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-12)
     ours32 = correlate_separable(torch.from_numpy(images).float(), kernel, kernel, mode).double().numpy()
     np.testing.assert_allclose(ours32, expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("severity", [1, 5])
+@pytest.mark.parametrize("shape", [(224, 200), (61, 97)])
+def test_defocus_fft_correlation_matches_scipy(severity: int, shape: tuple[int, int]):
+    """The FFT path pads to a fast transform length (e.g. 244 -> 250); the valid part must stay exact."""
+    rng = np.random.default_rng(1)
+    images = rng.random((2, 3, *shape))
+    kernel = defocus_kernel(*DEFOCUS_BLUR_PARAMS[severity - 1])
+    expected = ndimage.correlate(images, kernel[None, None], mode="mirror")  # OpenCV's BORDER_REFLECT_101
+    ours = correlate2d(torch.from_numpy(images), torch.from_numpy(kernel), mode="mirror").numpy()
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-12)
+    ours32 = correlate2d(torch.from_numpy(images).float(), torch.from_numpy(kernel), mode="mirror").double().numpy()
+    np.testing.assert_allclose(ours32, expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["nearest", "reflect", "mirror"])
