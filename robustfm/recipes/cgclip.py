@@ -12,19 +12,24 @@ Rerunning the same command finishes an interrupted run (the kit skips saved stag
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from robustfm.recipes.cgclip_config import CGClipDataConfig, CGClipRecipeConfig, check_paths
-from robustfm.recipes.kit import ZERO_SHOT_TOP1, MilestoneResult, RecipeRun, TaskBuilder, with_demo_data
+from robustfm.recipes.kit import (
+    ZERO_SHOT_TOP1,
+    MilestoneResult,
+    RecipeRun,
+    TaskBuilder,
+    heldout_source,
+    with_demo_data,
+)
 from robustfm.sweeps.recipes import REPO_ROOT, EpochValidation, RecipeSweep
 
 DETECTION_AUROC = "corruption_detection/zero_shot/all/auroc"
 OOD_SUITE = "corruption_detection"
 """The suite a milestone also runs on ``data.ood_shards`` (paper 000 evaluates detection in and out of domain)."""
-VALIDATION_BATCH = 64
 
 
 def run(cfg: CGClipRecipeConfig) -> Any:
@@ -117,12 +122,10 @@ def evaluation_batches(
     corruption_seed: int,
     *,
     seed: int = 0,
-    heldout_only: bool = False,
     with_maps: bool = False,
 ) -> Any:
     """Images of ``split`` in a fixed order (eval transform, no shuffle), each with one corrupted copy drawn from the
-    training corruption set with ``corruption_seed`` (and its GT map ``with_maps``). ``heldout_only`` keeps only the
-    held-out part of the split (``data.holdout_fraction``): the validation set of a sweep."""
+    training corruption set with ``corruption_seed`` (and its GT map ``with_maps``)."""
     from robustfm.data import ShardBatchSource
 
     return ShardBatchSource(
@@ -134,8 +137,6 @@ def evaluation_batches(
         seed=seed,
         stages=_corruption_stages(data, corruption_seed, with_maps),
         endpoint_url=data.s3_endpoint_url,
-        holdout_fraction=data.holdout_fraction if heldout_only else 0.0,
-        holdout_role="only",
     )
 
 
@@ -146,15 +147,12 @@ def first_evaluation_batch(
     *,
     seed: int = 0,
     max_images: int | None = None,
-    heldout_only: bool = False,
     with_maps: bool = False,
 ) -> dict[str, Any]:
     """:func:`evaluation_batches` as one batch of its first ``max_images`` images (default: all of them)."""
 
     def source(batch_size: int) -> Any:
-        return evaluation_batches(
-            data, split, batch_size, corruption_seed, seed=seed, heldout_only=heldout_only, with_maps=with_maps
-        )
+        return evaluation_batches(data, split, batch_size, corruption_seed, seed=seed, with_maps=with_maps)
 
     rows = source(1).num_rows
     size = rows if max_images is None else min(max_images, rows)
@@ -245,24 +243,13 @@ class CGClipValidation(EpochValidation):
     lambda on it does not leak the test split (paper 000, A.1: "a held-out validation split of the training data").
     """
 
-    source: Any = None
-    _images: Any = dataclasses.field(default=None, repr=False)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_images": None}
-
     def measure(self, task: Any) -> dict[str, float]:
         import torch
 
         from robustfm.evals.metrics import detection_metrics
         from robustfm.evals.suites.corruption_detection import ZeroShotDetector
 
-        if self._images is None:
-            batches = list(self.source.batches(epoch=0, rank=0, world_size=1, skip_batches=0))
-            if not batches:
-                raise ValueError("the validation split holds no full batch: raise data.holdout_fraction")
-            self._images = [torch.cat([b[key] for b in batches]).float() for key in ("image", "corrupted")]
-        clean, corrupted = self._images
+        clean, corrupted = self.held_out("image", "corrupted")
         clip, method = task.model.clip, self.builder.settings
         embeddings = clip.encode_image(torch.cat([clean, corrupted]), normalize=True).double().numpy()
         scores = ZeroShotDetector.of(clip, method.clean_prompts, method.corrupt_prompts).p_corrupt(embeddings)
@@ -271,20 +258,8 @@ class CGClipValidation(EpochValidation):
 
 
 def _validation(cfg: CGClipRecipeConfig, builder: TaskBuilder) -> CGClipValidation:
-    def source(batch_size: int) -> Any:
-        split = cfg.data.train_split
-        return evaluation_batches(cfg.data, split, batch_size, cfg.seed, seed=cfg.seed, heldout_only=True)
-
-    # Batches of at most VALIDATION_BATCH images; a smaller split is one batch, so no held-out image is dropped.
-    size = max(1, min(VALIDATION_BATCH, source(1).num_rows))
-    return CGClipValidation(builder, SWEEP.diverged_values, source=source(size))
-
-
-def _sweep_problems(cfg: CGClipRecipeConfig) -> list[str]:
-    problems = check_paths(cfg)
-    if cfg.data.holdout_fraction <= 0:
-        problems.append("data.holdout_fraction: a sweep validates on the held-out split: it must be > 0")
-    return problems
+    stages = _corruption_stages(cfg.data, cfg.seed, with_maps=False)
+    return CGClipValidation(builder, SWEEP.diverged_values, source=heldout_source(cfg.data, cfg.seed, stages))
 
 
 SWEEP = RecipeSweep(
@@ -295,7 +270,7 @@ SWEEP = RecipeSweep(
     builder=lambda cfg, weights: TaskBuilder("cgclip", cfg.model, cfg.method, weights),
     batches=lambda cfg, stages: training_batches(cfg.data, cfg.seed, with_maps=_needs_maps(cfg, list(stages))),
     validation=_validation,
-    problems=_sweep_problems,
+    problems=check_paths,
     resolve_data=with_demo_data,
 )
 """CG-CLIP as a sweepable recipe: a trial trains some stages of the curriculum, validated after every epoch."""

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from robustfm.config import ModelConfig, RayConfig, TrackingConfig, check
+from robustfm.config import TrackingConfig, check
 from robustfm.data.stage_config import CorruptionStageConfig
 from robustfm.gtmaps.config import GTMapConfig
 from robustfm.methods.cgclip_config import CGClipConfig
 from robustfm.recipes import RECIPES
-from robustfm.recipes.kit_config import ExportConfig, MilestoneEvalConfig, missing_inputs
-from robustfm.train.config import TrainConfig
+from robustfm.recipes.kit_config import MilestoneEvalConfig, RecipeConfig, missing_inputs
 
 PAPER_CURRICULUM = ("adapt", "isolate", "tune")
 
@@ -66,52 +65,21 @@ class CGClipDataConfig:
 
 
 @dataclass(frozen=True)
-class CGClipRecipeConfig:
+class CGClipRecipeConfig(RecipeConfig):
     """``jobs/cgclip.py``: CG-CLIP (paper 000) with its Adapt-Isolate-Tune curriculum."""
 
     name: str = "cgclip"
-    """Run name: MLflow parent run, checkpoint folder and output folder."""
-    output_dir: str = "outputs"
-    """Local folder for exports, reports and plots (``<output_dir>/<name>``)."""
-    seed: int = 0
-    """Seeds data order, crops, corruptions and initialisation."""
-    ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="cgclip"))
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="open_clip/ViT-B-32", pretrained="openai"))
-    method: CGClipConfig = field(default_factory=CGClipConfig)
-    data: CGClipDataConfig = field(default_factory=CGClipDataConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(stages={}))
-    """The stages that may run (``adapt``, ``isolate``, ``tune``, and ``joint`` for the no-curriculum ablation),
-    strategy, workers, storage and checkpoints."""
     curriculum: tuple[str, ...] = PAPER_CURRICULUM
     """Stages of ``train.stages`` to run, in order: Adapt-Isolate-Tune, or an ablation (``[adapt]`` = FLYP only,
-    ``[joint]``, ``[adapt, tune]`` = without Isolate, ``[adapt, isolate]`` = without Tune)."""
+    ``[joint]``, ``[adapt, tune]`` = without Isolate, ``[adapt, isolate]`` = without Tune); ``train.stages`` defines
+    ``adapt``, ``isolate``, ``tune`` and ``joint`` (the no-curriculum ablation)."""
     eval: MilestoneEvalConfig = field(
         default_factory=lambda: MilestoneEvalConfig(suites=("corruption_detection", "zero_shot"))
     )
     """Detection (the paper's metric) and zero-shot accuracy (what CLIP already knew) at every milestone."""
-    export: ExportConfig = field(default_factory=ExportConfig)
-
-    def __post_init__(self) -> None:
-        check(bool(self.name) and "/" not in self.name, "name", self.name, "must be a non-empty name without '/'")
-        check(len(self.curriculum) > 0, "curriculum", self.curriculum, "must name at least one stage")
-        for stage in self.curriculum:
-            check(
-                stage in self.train.stages,
-                "curriculum",
-                stage,
-                f"names a stage that train.stages does not define ({', '.join(self.train.stages) or 'none'})",
-            )
-        check(
-            len(set(self.curriculum)) == len(self.curriculum), "curriculum", self.curriculum, "must not repeat a stage"
-        )
-        family = self.model.name.partition("/")[0]
-        check(
-            family == "open_clip",
-            "model.name",
-            self.model.name,
-            "must be an open_clip model (CG-CLIP needs both towers)",
-        )
+    method: CGClipConfig = field(default_factory=CGClipConfig)
+    data: CGClipDataConfig = field(default_factory=CGClipDataConfig)
 
 
 def check_paths(cfg: CGClipRecipeConfig) -> list[str]:

@@ -127,6 +127,29 @@ def with_demo_data(cfg: Any) -> Any:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=str(shards)))
 
 
+def heldout_source(data: Any, seed: int, stages: Sequence[Any], max_batch: int = 64) -> Any:
+    """The held-out part of ``data.train_split`` (every ``round(1 / data.holdout_fraction)``-th image, which training
+    excludes), eval transform, fixed order, ``stages`` applied: the validation set of a sweep. Batches of at most
+    ``max_batch`` images; a smaller split is one batch, so no held-out image is dropped."""
+    from robustfm.data import ShardBatchSource
+
+    def source(batch_size: int) -> Any:
+        return ShardBatchSource(
+            data.shards,
+            data.train_split,
+            data.image_size,
+            batch_size,
+            train=False,
+            seed=seed,
+            stages=stages,
+            endpoint_url=data.s3_endpoint_url,
+            holdout_fraction=data.holdout_fraction,
+            holdout_role="only",
+        )
+
+    return source(max(1, min(max_batch, source(1).num_rows)))
+
+
 @dataclass(frozen=True)
 class MilestoneResult:
     """What a recipe's milestone evaluation returns: metrics and the files to keep as artifacts.

@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from robustfm.config import check
+from robustfm.config import ModelConfig, RayConfig, TrackingConfig, check
 from robustfm.evals.config import EvalConfig
+from robustfm.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,48 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         check(all(0 <= a <= 1 for a in self.wise_ft_alphas), "wise_ft_alphas", self.wise_ft_alphas, "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """The sections every recipe config has; a recipe's config subclasses it, adds its ``method`` and ``data``
+    sections and sets its own defaults (name, experiment, curriculum, milestone suites)."""
+
+    name: str = "run"
+    """Run name: MLflow parent run, checkpoint folder and output folder."""
+    output_dir: str = "outputs"
+    """Local folder for exports, reports and plots (``<output_dir>/<name>``)."""
+    seed: int = 0
+    """Seeds data order, crops, edits and initialisation."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="open_clip/ViT-B-32", pretrained="openai"))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(stages={}))
+    """The stages that may run: trainable groups, learning rates, loss weights, strategy, workers, storage."""
+    curriculum: tuple[str, ...] = ()
+    """Stages of ``train.stages`` to run, in order."""
+    eval: MilestoneEvalConfig = field(default_factory=MilestoneEvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        check(bool(self.name) and "/" not in self.name, "name", self.name, "must be a non-empty name without '/'")
+        check(len(self.curriculum) > 0, "curriculum", self.curriculum, "must name at least one stage")
+        for stage in self.curriculum:
+            check(
+                stage in self.train.stages,
+                "curriculum",
+                stage,
+                f"names a stage that train.stages does not define ({', '.join(self.train.stages) or 'none'})",
+            )
+        check(
+            len(set(self.curriculum)) == len(self.curriculum), "curriculum", self.curriculum, "must not repeat a stage"
+        )
+        check(
+            self.model.name.startswith("open_clip/"),
+            "model.name",
+            self.model.name,
+            "must be an open_clip model (recipes fine-tune CLIP and measure zero-shot accuracy with its text tower)",
+        )
 
 
 def missing_inputs(

@@ -18,46 +18,44 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from robustfm.recipes.kit import ZERO_SHOT_TOP1, MilestoneResult, RecipeRun, TaskBuilder, with_demo_data
+from robustfm.recipes import kit
 from robustfm.recipes.perturb_ft_config import PerturbFTDataConfig, PerturbFTRecipeConfig, check_paths
 from robustfm.sweeps.recipes import REPO_ROOT, EpochValidation, RecipeSweep
 
 MEAN_COSINE = "embedding_robustness/mean/mean_cosine"
 WORST_COSINE = "embedding_robustness/mean/worst_cosine"
 RADIUS = "embedding_robustness/mean/divergence_radius"
-VALIDATION_BATCH = 64
 
 
-def run(cfg: PerturbFTRecipeConfig) -> RecipeRun:
+def run(cfg: PerturbFTRecipeConfig) -> kit.RecipeRun:
     """Run the whole recipe on the Ray that the caller started (``ray.init``); returns the kit's run record."""
     from robustfm.models.export import clip_state_dict
-    from robustfm.recipes.kit import export_with_wise_ft, milestone, print_where, train_curriculum
     from robustfm.recipes.milestones import with_eval_data
 
     # 1. set-up --------------------------------------------------------------------------------------------------
-    cfg = with_demo_data(cfg)
-    run_ = RecipeRun.start(cfg, "perturb_ft")
-    builder = TaskBuilder("perturb_ft", cfg.model, cfg.method)
+    cfg = kit.with_demo_data(cfg)
+    run_ = kit.RecipeRun.start(cfg, "perturb_ft")
+    builder = kit.TaskBuilder("perturb_ft", cfg.model, cfg.method)
     settings = with_eval_data(cfg.eval.settings, cfg.data.shards, cfg.data.eval_split, None)
 
     def measure(name: str, task: Any) -> Any:
-        def evaluate(tracker: Any, run_id: str) -> MilestoneResult:
+        def evaluate(tracker: Any, run_id: str) -> kit.MilestoneResult:
             from robustfm.evals import evaluate_model
 
-            return MilestoneResult(evaluate_model(task.model, cfg.eval.suites, settings, tracker, run_id))
+            return kit.MilestoneResult(evaluate_model(task.model, cfg.eval.suites, settings, tracker, run_id))
 
         return evaluate
 
     # 2. the starting model (also the frozen teacher f0) -------------------------------------------------------------
     pretrained = builder.initial(cfg.seed)
     pretrained_state = clip_state_dict(pretrained.model)
-    milestone(run_, "pretrained", measure("pretrained", pretrained))
+    kit.milestone(run_, "pretrained", measure("pretrained", pretrained))
 
     # 3. fine-tuning: one fit per stage ----------------------------------------------------------------------------
-    _, task = train_curriculum(run_, builder, lambda stage: training_batches(cfg, cfg.seed), measure)
+    _, task = kit.train_curriculum(run_, builder, lambda stage: training_batches(cfg, cfg.seed), measure)
 
     # 4. export and WiSE-FT -----------------------------------------------------------------------------------------
-    export = export_with_wise_ft(run_, task.model, pretrained_state, cfg.eval.suites, settings, MEAN_COSINE)
+    export = kit.export_with_wise_ft(run_, task.model, pretrained_state, cfg.eval.suites, settings, MEAN_COSINE)
 
     # 5. report -----------------------------------------------------------------------------------------------------
     table = milestone_table(run_.milestones)
@@ -66,7 +64,7 @@ def run(cfg: PerturbFTRecipeConfig) -> RecipeRun:
     correlations = correlation_table(final)
     run_.log_table(correlations, "metric_vs_accuracy_drop.md")
     run_.finish()
-    print_where(
+    kit.print_where(
         "Robustness fine-tuning (paper 004)",
         run_,
         table + "\nEmbedding change vs zero-shot accuracy drop (fine-tuned model):\n\n" + correlations,
@@ -125,10 +123,10 @@ def milestone_table(milestones: Mapping[str, Mapping[str, float]]) -> str:
     """Embedding robustness and zero-shot accuracy (and its retention against the pretrained model) per milestone."""
     from robustfm.recipes.milestones import markdown_table
 
-    base = milestones.get("pretrained", {}).get(ZERO_SHOT_TOP1)
+    base = milestones.get("pretrained", {}).get(kit.ZERO_SHOT_TOP1)
     rows = []
     for name, m in milestones.items():
-        top1 = m.get(ZERO_SHOT_TOP1, float("nan"))
+        top1 = m.get(kit.ZERO_SHOT_TOP1, float("nan"))
         rows.append(
             {
                 "milestone": name,
@@ -148,7 +146,7 @@ def drop_correlations(metrics: Mapping[str, float]) -> dict[str, float]:
     between DivergenceRadius and the mean drop. NaN where a series is constant or has fewer than 3 points."""
     from scipy.stats import spearmanr
 
-    clean = metrics.get(ZERO_SHOT_TOP1)
+    clean = metrics.get(kit.ZERO_SHOT_TOP1)
     if clean is None:
         return {}
     prefix, suffix = "embedding_robustness/", "/cosine"
@@ -192,62 +190,31 @@ class PerturbFTValidation(EpochValidation):
     = mean cos(f(P(x)), f0(x)) (what the method improves) and ``val/clean_cosine`` = mean cos(f(x), f0(x)) (what it
     must keep), with ``f0`` built once per process from the starting weights."""
 
-    source: Any = None
     teacher: Any = None
-    _held_out: Any = None
+    _target: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_held_out": None}
+        return {**super().__getstate__(), "_target": None}
 
     def measure(self, task: Any) -> dict[str, float]:
-        import torch
         import torch.nn.functional as F
 
-        if self._held_out is None:
-            batches = list(self.source.batches(epoch=0, rank=0, world_size=1, skip_batches=0))
-            if not batches:
-                raise ValueError("the validation split holds no full batch: raise data.holdout_fraction")
-            clean, edited = (torch.cat([b[key] for b in batches]).float() for key in ("image", "perturbed"))
-            f0 = self.teacher("cpu")
-            self._held_out = (clean, edited, F.normalize(f0.encode_image(clean).float(), dim=-1))
-        clean, edited, target = self._held_out
-        model = task.model
+        clean, edited = self.held_out("image", "perturbed")
+        if self._target is None:  # f0(x), once per process
+            self._target = F.normalize(self.teacher("cpu").encode_image(clean).float(), dim=-1)
+        target, model = self._target, task.model
         return {
             "val/perturbed_cosine": float((model.encode_image(edited, normalize=True) * target).sum(1).mean()),
             "val/clean_cosine": float((model.encode_image(clean, normalize=True) * target).sum(1).mean()),
         }
 
 
-def _validation(cfg: PerturbFTRecipeConfig, builder: TaskBuilder) -> PerturbFTValidation:
-    from robustfm.data import ShardBatchSource
+def _validation(cfg: PerturbFTRecipeConfig, builder: kit.TaskBuilder) -> PerturbFTValidation:
     from robustfm.data.frozen_stage import EmbeddingLoader
 
-    data = cfg.data
-
-    def source(batch_size: int) -> Any:
-        return ShardBatchSource(
-            data.shards,
-            data.train_split,
-            data.image_size,
-            batch_size,
-            train=False,
-            seed=cfg.seed,
-            stages=[perturbation_stage(data, cfg.seed)],
-            endpoint_url=data.s3_endpoint_url,
-            holdout_fraction=data.holdout_fraction,
-            holdout_role="only",
-        )
-
-    size = max(1, min(VALIDATION_BATCH, source(1).num_rows))  # a small split is one batch: no image dropped
+    source = kit.heldout_source(cfg.data, cfg.seed, [perturbation_stage(cfg.data, cfg.seed)])
     teacher = EmbeddingLoader(cfg.model.name, cfg.model.pretrained, init_seed=cfg.seed)
-    return PerturbFTValidation(builder, SWEEP.diverged_values, source=source(size), teacher=teacher)
-
-
-def _sweep_problems(cfg: PerturbFTRecipeConfig) -> list[str]:
-    problems = check_paths(cfg)
-    if cfg.data.holdout_fraction <= 0:
-        problems.append("data.holdout_fraction: a sweep validates on the held-out split: it must be > 0")
-    return problems
+    return PerturbFTValidation(builder, SWEEP.diverged_values, source=source, teacher=teacher)
 
 
 SWEEP = RecipeSweep(
@@ -255,10 +222,10 @@ SWEEP = RecipeSweep(
     default_config=REPO_ROOT / "configs" / "perturb_ft" / "demo.yaml",
     metrics={"val/perturbed_cosine": "max", "val/clean_cosine": "max", "train/loss": "min"},
     diverged_values={"val/perturbed_cosine": -1.0, "val/clean_cosine": -1.0},
-    builder=lambda cfg, weights: TaskBuilder("perturb_ft", cfg.model, cfg.method, weights),
+    builder=lambda cfg, weights: kit.TaskBuilder("perturb_ft", cfg.model, cfg.method, weights),
     batches=lambda cfg, stages: training_batches(cfg, cfg.seed),
     validation=_validation,
-    problems=_sweep_problems,
-    resolve_data=with_demo_data,
+    problems=check_paths,
+    resolve_data=kit.with_demo_data,
 )
 """Paper 004's fine-tuning as a sweepable recipe (lambda = the clean loss weight, and learning rates)."""

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from robustfm.config import ModelConfig, RayConfig, TrackingConfig, check
+from robustfm.config import TrackingConfig, check
 from robustfm.data.stage_config import FrozenStageConfig
 from robustfm.methods.perturb_ft_config import PerturbFTConfig
 from robustfm.recipes import RECIPES
-from robustfm.recipes.kit_config import ExportConfig, MilestoneEvalConfig, missing_inputs
-from robustfm.train.config import TrainConfig
+from robustfm.recipes.kit_config import MilestoneEvalConfig, RecipeConfig, missing_inputs
 
 
 @dataclass(frozen=True)
@@ -71,42 +70,23 @@ class PerturbFTDataConfig:
 
 
 @dataclass(frozen=True)
-class PerturbFTRecipeConfig:
-    """``jobs/perturb_ft.py``: fine-tune a CLIP image encoder for robustness to everyday edits (paper 004)."""
+class PerturbFTRecipeConfig(RecipeConfig):
+    """``jobs/perturb_ft.py``: fine-tune a CLIP image encoder for robustness to everyday edits (paper 004).
+
+    ``train.stages`` defines ``finetune``: the clean term's loss weight there is the lambda a sweep tunes."""
 
     name: str = "perturb-ft"
-    """Run name: MLflow parent run, checkpoint folder and output folder."""
-    output_dir: str = "outputs"
-    """Local folder for exports, reports and plots (``<output_dir>/<name>``)."""
-    seed: int = 0
-    """Seeds data order, crops, edits and initialisation."""
-    ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="perturb-ft"))
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="open_clip/ViT-B-32", pretrained="openai"))
-    method: PerturbFTConfig = field(default_factory=PerturbFTConfig)
-    data: PerturbFTDataConfig = field(default_factory=PerturbFTDataConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(stages={}))
-    """The stages that may run (``finetune``): trainable groups, learning rates, the loss weights (the clean
-    term's weight is the lambda a sweep tunes), strategy, workers, storage and checkpoints."""
     curriculum: tuple[str, ...] = ("finetune",)
-    """Stages of ``train.stages`` to run, in order."""
     eval: MilestoneEvalConfig = field(
         default_factory=lambda: MilestoneEvalConfig(suites=("embedding_robustness", "zero_shot"), tsne=False)
     )
     """Embedding robustness (the paper's metrics) and zero-shot accuracy (utility) at every milestone."""
-    export: ExportConfig = field(default_factory=ExportConfig)
+    method: PerturbFTConfig = field(default_factory=PerturbFTConfig)
+    data: PerturbFTDataConfig = field(default_factory=PerturbFTDataConfig)
 
     def __post_init__(self) -> None:
-        check(bool(self.name) and "/" not in self.name, "name", self.name, "must be a non-empty name without '/'")
-        check(len(self.curriculum) > 0, "curriculum", self.curriculum, "must name at least one stage")
-        for stage in self.curriculum:
-            check(
-                stage in self.train.stages,
-                "curriculum",
-                stage,
-                f"names a stage that train.stages does not define ({', '.join(self.train.stages) or 'none'})",
-            )
-        check(self.model.name.startswith("open_clip/"), "model.name", self.model.name, "must be an open_clip model")
+        super().__post_init__()
         for name in ("embedding_robustness", "zero_shot"):
             check(name in self.eval.suites, "eval.suites", self.eval.suites, f"must include {name} (the report)")
         steps = self.eval.settings.suites["embedding_robustness"].steps

@@ -75,14 +75,29 @@ class EpochValidation:
     Args:
         builder: a :class:`robustfm.recipes.kit.TaskBuilder` (weights are loaded into what it builds).
         diverged_values: the adapter's worst values.
+        source: the held-out batches (:func:`robustfm.recipes.kit.heldout_source`), read once per process.
     """
 
     builder: Any
     diverged_values: Mapping[str, float]
+    source: Any = None
     _task: Any = field(default=None, repr=False)
+    _held_out: Any = field(default=None, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_task": None}  # rebuilt where the hook runs
+        return {**self.__dict__, "_task": None, "_held_out": None}  # rebuilt where the hook runs
+
+    def held_out(self, *columns: str) -> list[Any]:
+        """``columns`` of every held-out image as float tensors (read from :attr:`source` on the first call)."""
+        import torch
+
+        if self._held_out is None:
+            batches = list(self.source.batches(epoch=0, rank=0, world_size=1, skip_batches=0))
+            if not batches:
+                raise ValueError("the validation split holds no full batch: raise data.holdout_fraction")
+            tensors = [key for key, value in batches[0].items() if isinstance(value, torch.Tensor)]
+            self._held_out = {key: torch.cat([b[key] for b in batches]).float() for key in tensors}
+        return [self._held_out[column] for column in columns]
 
     def measure(self, task: Any) -> dict[str, float]:
         """Validation metrics of ``task`` (eval mode, current weights loaded, no gradients)."""
@@ -117,8 +132,8 @@ class RecipeSweep:
         builder: ``builder(cfg, init_weights)`` -> the trial's :class:`~robustfm.recipes.kit.TaskBuilder`.
         batches: ``batches(cfg, stages)`` -> the engine's batch source for a trial training ``stages``.
         validation: ``validation(cfg, builder)`` -> the :class:`EpochValidation` hook.
-        problems: ``problems(cfg)`` -> ``field: message`` lines that make ``cfg`` unsweepable (missing inputs, no
-            held-out split...), checked before Ray starts.
+        problems: ``problems(cfg)`` -> ``field: message`` lines of inputs ``cfg`` lacks (shards, splits, weights),
+            checked before Ray starts, with the held-out split every trial validates on.
         resolve_data: ``resolve_data(cfg)`` -> ``cfg`` with every input in place (e.g. the demo data set built once
             on the driver for every trial).
     """
@@ -144,6 +159,8 @@ class RecipeSweep:
             raise ConfigError("train.launcher", "a sweep trial reports through Ray Train: it must be 'ray'")
         if init_weights is not None and not Path(init_weights).is_file():
             raise ConfigError("init_weights", f"weights file {init_weights!r} does not exist")
+        if cfg.data.holdout_fraction <= 0:
+            raise ConfigError("data.holdout_fraction", "a sweep validates on the held-out split: it must be > 0")
         problems = self.problems(cfg)
         if problems:
             raise ConfigError("", "; ".join(problems))
