@@ -23,7 +23,7 @@ demo: env
 	$(PY) jobs/cgclip.py --config configs/cgclip/demo.yaml
 
 test: env
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=25
 
 lint: env
 	$(VENV)/bin/ruff check robustfm jobs tests benchmarks
@@ -34,3 +34,10 @@ bench: env
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The GPU acceptance check (README "Checking on a GPU"): the dry run first (every item on CPU, so a broken script never
+# reaches a rare GPU window), then the offline bundle in .gpu/ and the one command to run on the GPU machine.
+.PHONY: gpu-check
+gpu-check: env
+	$(PY) benchmarks/gpu_acceptance.py outputs/gpu-check-dry-run --dry-run
+	$(PY) benchmarks/prepare_gpu_bundle.py

@@ -142,10 +142,7 @@ def plot_metric_curves(client: Any, comparison: Comparison, out_dir: str | Path)
         if drawn:
             ax.set(xlabel="step", ylabel=metric, title=metric)
             ax.legend(fontsize="small")
-            path = Path(out_dir) / f"curve_{_safe(metric)}.png"
-            fig.tight_layout()
-            fig.savefig(path, dpi=100)
-            paths.append(path)
+            paths.append(_save(fig, Path(out_dir) / f"curve_{_safe(metric)}.png"))
         plt.close(fig)
     return paths
 
@@ -173,12 +170,15 @@ def plot_sweep(comparison: Comparison, target: str, out_dir: str | Path) -> list
         if min(xs) > 0 and max(xs) / min(xs) > 50:
             ax.set_xscale("log")
         ax.set(xlabel=param, ylabel=target, title=f"{target} vs {param}")
-        path = Path(out_dir) / f"sweep_{_safe(param)}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        paths.append(_save(fig, Path(out_dir) / f"sweep_{_safe(param)}.png"))
         plt.close(fig)
-        paths.append(path)
     return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
 
 
 def _safe(name: str) -> str:

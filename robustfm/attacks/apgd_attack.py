@@ -36,19 +36,14 @@ from robustfm.attacks.common import (
     AttackResult,
     Ball,
     Forward,
-    attack_generator,
-    check_inputs,
-    eval_modules_of,
+    attack_session,
     evaluate,
-    held_in_eval,
     per_row,
     random_start,
     unit_direction,
-    work_dtype,
 )
 from robustfm.attacks.config import AttackConfig
 from robustfm.attacks.objectives import Objective, Target
-from robustfm.attacks.registry import OBJECTIVES
 
 APGD_MOMENTUM = 0.75
 """Weight a of the new step against the previous one (1 - a) in the momentum update."""
@@ -109,20 +104,17 @@ def apgd(
         An :class:`AttackResult`: ``x_adv``/``loss`` the best-loss points over all restarts; ``success`` whether
         any iterate of any restart (start points included) succeeded, with ``x_success`` such a point.
     """
-    objective: Objective = OBJECTIVES.get(config.objective)
-    check_inputs(x, objective, target)
-    x = x.detach().to(work_dtype(x))
-    generator = attack_generator(x, config, generator)
-    rows = x.shape[0]
-    x_best, x_success = x.clone(), x.clone()
-    loss_best = torch.full((rows,), float("-inf"), dtype=x.dtype, device=x.device)
-    success = torch.zeros(rows, dtype=torch.bool, device=x.device) if objective.success is not None else None
-    failed = torch.zeros(rows, dtype=torch.bool, device=x.device)
-    zero_steps = torch.zeros(rows, dtype=torch.int64, device=x.device)
-    evaluations = 0
-    with held_in_eval(eval_modules_of(forward, eval_modules)):
+    with attack_session(forward, x, target, config, generator, eval_modules) as inputs:
+        objective, x = inputs.objective, inputs.x
+        rows = x.shape[0]
+        x_best, x_success = x.clone(), x.clone()
+        loss_best = torch.full((rows,), float("-inf"), dtype=x.dtype, device=x.device)
+        success = torch.zeros(rows, dtype=torch.bool, device=x.device) if objective.success is not None else None
+        failed = torch.zeros(rows, dtype=torch.bool, device=x.device)
+        zero_steps = torch.zeros(rows, dtype=torch.int64, device=x.device)
+        evaluations = 0
         for restart in range(config.restarts):
-            start = random_start(x, config, generator, row_seeds, restart)
+            start = random_start(x, config, inputs.generator, row_seeds, restart)
             run = _single_run(forward, objective, x, start, target, config, success)
             evaluations += run.evaluations
             improved = run.loss_best > loss_best

@@ -29,6 +29,7 @@ from torch import nn
 
 from robustfm.attacks.config import AttackConfig
 from robustfm.attacks.objectives import Objective, Target
+from robustfm.attacks.registry import OBJECTIVES
 from robustfm.seeding import sample_seed
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -84,6 +85,39 @@ def eval_modules_of(forward: Forward, modules: nn.Module | Sequence[nn.Module] |
     if modules is None:
         return [forward] if isinstance(forward, nn.Module) else []
     return [modules] if isinstance(modules, nn.Module) else list(modules)
+
+
+@dataclass(frozen=True)
+class AttackInputs:
+    """What an attack works on, checked: its objective, the clean points and the generator of its random starts."""
+
+    objective: Objective
+    x: torch.Tensor
+    """The clean [0,1] pixels, detached, in the work dtype (:func:`work_dtype`)."""
+    generator: torch.Generator
+
+
+@contextlib.contextmanager
+def attack_session(
+    forward: Forward,
+    x: torch.Tensor,
+    target: Target,
+    config: AttackConfig,
+    generator: torch.Generator | None,
+    eval_modules: nn.Module | Sequence[nn.Module] | None,
+) -> Iterator[AttackInputs]:
+    """Check the inputs (before any module changes mode), then hold the attacked modules in eval mode.
+
+    Yields:
+        The objective of ``config``, ``x`` in the work dtype, and the caller's generator or a fresh one seeded with
+        ``config.seed`` (:func:`attack_generator`).
+    """
+    objective: Objective = OBJECTIVES.get(config.objective)
+    check_inputs(x, objective, target)
+    x = x.detach().to(work_dtype(x))
+    inputs = AttackInputs(objective, x, attack_generator(x, config, generator))
+    with held_in_eval(eval_modules_of(forward, eval_modules)):
+        yield inputs
 
 
 @contextlib.contextmanager

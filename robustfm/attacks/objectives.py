@@ -66,6 +66,17 @@ def _embedding_l2(embeddings: torch.Tensor, target: Target) -> torch.Tensor:
     return (embeddings - target["target"].to(embeddings.dtype)).pow(2).sum(dim=1)
 
 
+def _dlr_targeted_loss(logits: torch.Tensor, target: Target) -> torch.Tensor:
+    # Croce & Hein's targeted DLR (auto-attack APGD-T): -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2); shift- and
+    # scale-invariant in the logits, so the logit scale cannot mask the attack. Needs >= 4 classes.
+    if logits.shape[1] < 4:
+        raise ValueError(f"objective 'dlr_targeted' needs logits of at least 4 classes, got {logits.shape[1]}")
+    ordered = logits.sort(dim=1).values
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    true, wanted = logits[rows, target["labels"].long()], logits[rows, target["target_labels"].long()]
+    return -(true - wanted) / (ordered[:, -1] - 0.5 * (ordered[:, -3] + ordered[:, -4]) + 1e-12)
+
+
 def _two_afc_logits(reference: torch.Tensor, target: Target) -> torch.Tensor:
     left = F.cosine_similarity(reference, target["left"].to(reference.dtype), dim=1)
     right = F.cosine_similarity(reference, target["right"].to(reference.dtype), dim=1)
@@ -103,6 +114,7 @@ def _inversion(embeddings: torch.Tensor, target: Target) -> torch.Tensor:
 
 
 CE = Objective("ce", _ce_loss, ("labels",), _ce_success)
+DLR_TARGETED = Objective("dlr_targeted", _dlr_targeted_loss, ("labels", "target_labels"), _ce_success)
 EMBEDDING_L2 = Objective("embedding_l2", _embedding_l2, ("target",))
 TWO_AFC = Objective("two_afc", _two_afc_loss, ("left", "right", "labels"), _two_afc_success)
 COSINE_AWAY = Objective("cosine_away", _cosine_away, ("clean",))

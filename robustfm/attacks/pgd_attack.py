@@ -29,19 +29,14 @@ from robustfm.attacks.common import (
     AttackResult,
     Ball,
     Forward,
-    attack_generator,
-    check_inputs,
-    eval_modules_of,
+    attack_session,
     evaluate,
-    held_in_eval,
     random_start,
     score,
     unit_direction,
-    work_dtype,
 )
 from robustfm.attacks.config import AttackConfig
-from robustfm.attacks.objectives import Objective, Target
-from robustfm.attacks.registry import OBJECTIVES
+from robustfm.attacks.objectives import Target
 
 #: RobustVLM's momentum on the normalized gradient.
 PGD_MOMENTUM = 0.9
@@ -79,16 +74,12 @@ def pgd(
     Returns:
         An :class:`AttackResult` whose ``x_adv`` is the last iterate.
     """
-    objective: Objective = OBJECTIVES.get(config.objective)
-    check_inputs(x, objective, target)
-    x = x.detach().to(work_dtype(x))
-    generator = attack_generator(x, config, generator)
-    failed = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    zero_steps = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-
-    with held_in_eval(eval_modules_of(forward, eval_modules)):
+    with attack_session(forward, x, target, config, generator, eval_modules) as inputs:
+        objective, x = inputs.objective, inputs.x
+        failed = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        zero_steps = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
         # The iterate is kept as a point (x + delta), so the [0,1] clamp is exact, not x + (clamped - x).
-        x_adv = random_start(x, config, generator, row_seeds, restart=0)
+        x_adv = random_start(x, config, inputs.generator, row_seeds, restart=0)
         velocity = torch.zeros_like(x)
         ball = Ball(x, config.norm, config.eps)
         for _ in range(config.steps):

@@ -27,6 +27,15 @@ OBJECTIVES.register_lazy(
     description="cross-entropy of the logits against labels; success: argmax != label",
 )
 OBJECTIVES.register_lazy(
+    "dlr_targeted",
+    "robustfm.attacks.objectives:DLR_TARGETED",
+    needs=("labels", "target_labels"),
+    has_success=True,
+    outputs="logits (B, C), C >= 4",
+    description="APGD-T's targeted DLR loss -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2) towards target_labels; "
+    "success: argmax != label (any wrong class counts, as in auto-attack)",
+)
+OBJECTIVES.register_lazy(
     "embedding_l2",
     "robustfm.attacks.objectives:EMBEDDING_L2",
     needs=("target",),

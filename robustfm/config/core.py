@@ -253,10 +253,11 @@ def set_path(data: dict[str, Any], keys: Sequence[str], value: Any) -> None:
 
 
 def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursively merge ``update`` into a copy of ``base``; mappings merge, everything else replaces."""
+    """Recursively merge ``update`` into a copy of ``base``; mappings merge, everything else replaces. An empty
+    mapping replaces too: ``ood: {}`` in a file that ``extends`` another clears the base file's entries."""
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+        if isinstance(value, Mapping) and value and isinstance(merged.get(key), Mapping):
             merged[key] = deep_merge(dict(merged[key]), value)
         else:
             merged[key] = value

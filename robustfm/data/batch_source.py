@@ -22,15 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from robustfm.data.reading import DEFAULT_CROP_SCALE, decode_images, iter_worker_batches, ordered_execution
-from robustfm.data.shards import (
-    MANIFEST_NAME,
-    ColumnSpec,
-    Location,
-    MissingColumnError,
-    load_manifest,
-    manifest_columns,
-    split_shards,
-)
+from robustfm.data.shards import ColumnSpec, Location, SplitListing, list_split
 from robustfm.seeding import epoch_seed
 
 if TYPE_CHECKING:
@@ -156,21 +148,19 @@ class ShardBatchSource:
         self.holdout_period = round(1 / holdout_fraction) if holdout_fraction > 0 else 0
         self.holdout_role = holdout_role
         self.columns = None if columns is None else tuple(dict.fromkeys(["id", "image", *columns]))
-        self._shards: list[dict[str, Any]] | None = None
-        self._available: dict[str, ColumnSpec] | None = None
+        self._listing: SplitListing | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # re-read the manifest where the source is used
-        return {**self.__dict__, "_shards": None, "_available": None}
+        return {**self.__dict__, "_listing": None}
+
+    def _split_listing(self) -> SplitListing:
+        if self._listing is None:
+            self._listing = list_split(Location(self.path, self.endpoint_url), self.split)
+        return self._listing
 
     def _shard_list(self) -> list[dict[str, Any]]:
-        if self._shards is None:
-            location = Location(self.path, self.endpoint_url)
-            manifest = load_manifest(location)
-            where = location.display(MANIFEST_NAME)
-            self._shards = split_shards(manifest, self.split, where)
-            self._available = manifest_columns(manifest, where)
-        return self._shards
+        return self._split_listing().shards
 
     def read_columns(self) -> dict[str, ColumnSpec]:
         """The columns this source reads (name -> spec), checked against the shard set's manifest.
@@ -178,17 +168,7 @@ class ShardBatchSource:
         Raises:
             MissingColumnError: naming the requested columns the shard set lacks and the shard directory.
         """
-        self._shard_list()
-        assert self._available is not None
-        if self.columns is None:
-            return dict(self._available)
-        missing = [name for name in self.columns if name not in self._available]
-        if missing:
-            raise MissingColumnError(
-                f"ShardBatchSource reads column(s) {missing} that the shards at "
-                f"{Location(self.path, self.endpoint_url).display()} do not have (they have {list(self._available)})"
-            )
-        return {name: self._available[name] for name in self.columns}
+        return self._split_listing().read_columns(self.columns, "ShardBatchSource")
 
     @property
     def num_rows(self) -> int:
@@ -235,7 +215,7 @@ class ShardBatchSource:
             picked = windows == w
             items.append({"shards": shard_ids[picked].tolist(), "rows": rows[picked].tolist()})
         columns = self.read_columns()
-        location = Location(self.path, self.endpoint_url)
+        location = self._split_listing().location
         files = [location.join(s["file"]) for s in shards]
         ordered_execution()
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))

@@ -12,17 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from robustfm.data.shards import (
-    DECODED_KINDS,
-    MANIFEST_NAME,
-    ColumnKind,
-    ColumnSpec,
-    Location,
-    MissingColumnError,
-    load_manifest,
-    manifest_columns,
-    split_shards,
-)
+from robustfm.data.shards import DECODED_KINDS, ColumnKind, ColumnSpec, Location, list_split
 from robustfm.data.transforms import (
     DEFAULT_CROP_SCALE,
     center_box,
@@ -78,17 +68,10 @@ def open_shards(
     """
     import ray.data
 
-    location = Location(path, endpoint_url)
-    manifest = load_manifest(location)
-    where = location.display(MANIFEST_NAME)
-    shards = split_shards(manifest, split, where)
+    listing = list_split(Location(path, endpoint_url), split)
+    location, shards = listing.location, listing.shards
     if columns is not None:
-        available = manifest_columns(manifest, where)
-        missing = [name for name in columns if name not in available]
-        if missing:
-            raise MissingColumnError(
-                f"column(s) {missing} requested from {location.display()}, which has {list(available)}"
-            )
+        listing.read_columns(columns, "open_shards")
     if not shards:
         raise ValueError(f"split {split!r} of {location.display()} has no images (every file was skipped?)")
     ordered_execution()

@@ -303,11 +303,50 @@ def require_columns(
     Raises:
         MissingColumnError: naming the missing column(s), the shard directory and the columns it has.
     """
-    columns = shard_columns(path, endpoint_url)
+    location = Location(path, endpoint_url)
+    columns = manifest_columns(load_manifest(location), location.display(MANIFEST_NAME))
+    check_columns(columns, needed, location, reader)
+    return columns
+
+
+def check_columns(columns: Mapping[str, ColumnSpec], needed: Sequence[str], location: Location, reader: str) -> None:
+    """Raise :class:`MissingColumnError` naming ``reader``, the columns of ``needed`` that the shard set at
+    ``location`` (with ``columns``) lacks, and the columns it has."""
     missing = [name for name in needed if name not in columns]
     if missing:
         raise MissingColumnError(
-            f"{reader} reads column(s) {missing} that the shards at {Location(path, endpoint_url).display()} do not "
-            f"have (they have {list(columns)}; masks are added by prepare_data's source.masks option)"
+            f"{reader} reads column(s) {missing} that the shards at {location.display()} do not have (they have "
+            f"{list(columns)}; masks are added by prepare_data's source.masks option)"
         )
-    return columns
+
+
+@dataclass(frozen=True)
+class SplitListing:
+    """One split of a shard directory as its manifest lists it (:func:`list_split`)."""
+
+    location: Location
+    shards: list[dict[str, Any]]
+    """The split's shard entries (``file``, ``rows``, ``sha256``, ``bytes``), in shard order."""
+    manifest: dict[str, Any]
+
+    @functools.cached_property
+    def columns(self) -> dict[str, ColumnSpec]:
+        """The columns the shard set declares (:func:`manifest_columns`), read on first use."""
+        return manifest_columns(self.manifest, self.location.display(MANIFEST_NAME))
+
+    def read_columns(self, wanted: Sequence[str] | None, reader: str) -> dict[str, ColumnSpec]:
+        """The specs of ``wanted`` (None: every column), checked with :func:`check_columns`."""
+        if wanted is None:
+            return dict(self.columns)
+        check_columns(self.columns, wanted, self.location, reader)
+        return {name: self.columns[name] for name in wanted}
+
+
+def list_split(location: Location, split: str) -> SplitListing:
+    """The manifest's listing of ``split`` at ``location``.
+
+    Raises:
+        ManifestError: naming the directory when it holds no finished conversion or has no ``split``.
+    """
+    manifest = load_manifest(location)
+    return SplitListing(location, split_shards(manifest, split, location.display(MANIFEST_NAME)), manifest)

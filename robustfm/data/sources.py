@@ -76,6 +76,10 @@ class SourceListing:
     """Extra (schema-v2) columns every item provides through ``SourceItem.extra``: 2AFC triplets' ``left`` and
     ``right`` images, group keys, judgements. The three built-in layouts have none."""
 
+    def skip(self, split: str, path: str, reason: str, detail: str) -> None:
+        """Record a file dropped while listing (``reason`` is a short code, ``detail`` says why in words)."""
+        self.skipped.append({"split": split, "path": path, "reason": reason, "detail": detail})
+
 
 def _info(fs: pafs.FileSystem, path: str) -> pafs.FileInfo:
     return fs.get_file_info(path)
@@ -172,14 +176,7 @@ def list_coco(location: Location, splits: Sequence[str] = ()) -> SourceListing:
         for image in sorted(instances.get("images", []), key=lambda im: im["file_name"]):
             rel = f"{folder}/{image['file_name']}"
             if image["file_name"] not in present:
-                listing.skipped.append(
-                    {
-                        "split": split,
-                        "path": rel,
-                        "reason": "missing_file",
-                        "detail": f"listed in instances_{folder}.json but not in {folder}/",
-                    }
-                )
+                listing.skip(split, rel, "missing_file", f"listed in instances_{folder}.json but not in {folder}/")
                 continue
             image_id = int(image["id"])
             category = best[image_id][3] if image_id in best else None
@@ -257,14 +254,7 @@ def list_imagenet(location: Location, splits: Sequence[str] = ()) -> SourceListi
 
     def item(rel: str, wnid: str, split: str) -> SourceItem | None:
         if wnid not in label_of:
-            listing.skipped.append(
-                {
-                    "split": split,
-                    "path": rel,
-                    "reason": "unknown_class",
-                    "detail": f"{wnid!r} is not one of the {len(wnids)} training classes",
-                }
-            )
+            listing.skip(split, rel, "unknown_class", f"{wnid!r} is not one of the {len(wnids)} training classes")
             return None
         return SourceItem(rel, rel, label_of[wnid], names.get(wnid, wnid))
 
@@ -276,14 +266,7 @@ def list_imagenet(location: Location, splits: Sequence[str] = ()) -> SourceListi
                 rel = _rel(info.path, location.base)
                 parts = rel.split("/")
                 if len(parts) < 3:
-                    listing.skipped.append(
-                        {
-                            "split": split,
-                            "path": rel,
-                            "reason": "not_in_class_folder",
-                            "detail": f"expected {split}/<wnid>/<image>",
-                        }
-                    )
+                    listing.skip(split, rel, "not_in_class_folder", f"expected {split}/<wnid>/<image>")
                     continue
                 items.append(item(rel, parts[1], split))
         else:
@@ -300,14 +283,7 @@ def list_imagenet(location: Location, splits: Sequence[str] = ()) -> SourceListi
                 if info.base_name in ("LOC_val_solution.csv", "val_labels.txt"):
                     continue
                 if stem not in labels:
-                    listing.skipped.append(
-                        {
-                            "split": split,
-                            "path": rel,
-                            "reason": "no_label",
-                            "detail": "not listed in the validation labels file",
-                        }
-                    )
+                    listing.skip(split, rel, "no_label", "not listed in the validation labels file")
                     continue
                 items.append(item(rel, labels[stem], split))
         listing.splits[split] = [i for i in items if i is not None]
@@ -335,9 +311,7 @@ def list_image_folder(location: Location, splits: Sequence[str] = ()) -> SourceL
             rel = _rel(info.path, location.base)
             inside = _rel(info.path, split_bases[split]).split("/")
             if len(inside) < 2:
-                listing.skipped.append(
-                    {"split": split, "path": rel, "reason": "not_in_class_folder", "detail": "expected <class>/<image>"}
-                )
+                listing.skip(split, rel, "not_in_class_folder", "expected <class>/<image>")
                 continue
             entries.append((rel, inside[0]))
             class_names.add(inside[0])

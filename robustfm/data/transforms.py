@@ -150,18 +150,13 @@ def transform_row(
     return out
 
 
-def transform_image(
-    data: bytes,
-    sample_id: str,
-    image_size: int,
-    train: bool,
-    seed: int = 0,
-    epoch: int = 0,
-    crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE,
-) -> np.ndarray:
-    """Decode one encoded image into float32 [3, S, S] in [0, 1] with the train or eval transform."""
-    kinds = {"image": ColumnKind.IMAGE}
-    return transform_row({"image": data}, kinds, sample_id, image_size, train, seed, epoch, crop_scale)["image"]
+def transform_image(data: bytes, *args: Any, **kwargs: Any) -> np.ndarray:
+    """:func:`transform_row` of one encoded image: float32 [3, S, S] in [0, 1].
+
+    Takes :func:`transform_row`'s arguments after ``kinds``: ``(sample_id, image_size, train, seed=0, epoch=0,
+    crop_scale=DEFAULT_CROP_SCALE)``.
+    """
+    return transform_row({"image": data}, {"image": ColumnKind.IMAGE}, *args, **kwargs)["image"]
 
 
 def eval_image(data: bytes, image_size: int, name: str = "<bytes>") -> np.ndarray:

@@ -26,6 +26,9 @@ class EvalDataConfig:
     """Shard split to read."""
     max_samples: int | None = None
     """Score only the first N rows in id order (None: all). The protocol hashes exactly the ids used."""
+    holdout_fraction: float = 0.0
+    """Leave out every ``round(1/fraction)``-th row of the split (manifest order): the held-out validation rows of a
+    recipe's training split, which a probe fitted on that split must not see. 0: keep every row."""
     synthetic_samples: int = 32
     """Rows of synthetic data (random textured images, labels, captions) when ``shards`` is None."""
     synthetic_classes: int = 4
@@ -37,6 +40,7 @@ class EvalDataConfig:
 
     def __post_init__(self) -> None:
         check(self.max_samples is None or self.max_samples > 0, "max_samples", self.max_samples, "must be positive")
+        check(0 <= self.holdout_fraction < 0.5, "holdout_fraction", self.holdout_fraction, "must be in [0, 0.5)")
         check(self.synthetic_samples > 0, "synthetic_samples", self.synthetic_samples, "must be positive")
         check(self.synthetic_classes > 1, "synthetic_classes", self.synthetic_classes, "must be at least 2")
         check(

@@ -61,6 +61,7 @@ def synthetic_rows(data: EvalDataConfig, seed: int) -> list[dict[str, Any]]:
 def load_eval_dataset(data: EvalDataConfig, seed: int, columns: Sequence[str], reader: str = "this suite") -> Any:
     """A ``ray.data.Dataset`` of the rows to score, restricted to ``columns`` (``id`` and ``image`` always).
 
+    ``holdout_fraction`` leaves out every ``round(1/fraction)``-th row in manifest order (as training does), then
     ``max_samples`` keeps the first N rows by id, so the same ids are scored whatever the shard layout.
     """
     import ray.data
@@ -78,13 +79,17 @@ def load_eval_dataset(data: EvalDataConfig, seed: int, columns: Sequence[str], r
 
     require_columns(data.shards, wanted, reader=reader)  # the shards' own columns (schema v2 declares extra ones)
     dataset = open_shards(data.shards, data.split, columns=wanted)
-    if data.max_samples is not None:
-        # The first N ids are found from the id column alone; a Ray Data sort would move every image's bytes.
-        ids = sorted(row["id"] for row in open_shards(data.shards, data.split, columns=["id"]).take_all())
-        keep = frozenset(ids[: data.max_samples])
+    if data.max_samples is not None or data.holdout_fraction > 0:
+        # The ids are chosen from the id column alone (manifest order: reads keep it); a Ray Data sort would move
+        # every image's bytes.
+        ids = [row["id"] for row in open_shards(data.shards, data.split, columns=["id"]).take_all()]
+        if data.holdout_fraction > 0:
+            period = round(1 / data.holdout_fraction)
+            ids = [sample_id for index, sample_id in enumerate(ids) if index % period != 0]
+        keep = sorted(ids)[: data.max_samples]
         from ray.data.expressions import col
 
-        dataset = dataset.filter(expr=col("id").is_in(sorted(keep)))
+        dataset = dataset.filter(expr=col("id").is_in(keep))
     return dataset
 
 

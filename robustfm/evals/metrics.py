@@ -56,21 +56,30 @@ class MetricTable:
 # --- binary detection -----------------------------------------------------------------------------------------------
 
 
-def detection_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+def detection_metrics(
+    labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5, balanced: bool = False
+) -> dict[str, float]:
     """Accuracy, AUROC and F1 of scores P(positive) against 0/1 labels.
 
     Accuracy and F1 predict positive when ``score > threshold``; AUROC is NaN when only one class is present.
+    ``balanced`` weighs every row by the inverse size of its class, so both classes count alike whatever their
+    counts (accuracy becomes balanced accuracy; a detector that always says "positive" scores 0.5, not the positive
+    share; AUROC does not change, it never depended on the class sizes).
     """
     from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
     labels = np.asarray(labels, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float64)
     predicted = (scores > threshold).astype(np.int64)
+    weights = None
+    if balanced and len(np.unique(labels)) == 2:
+        counts = np.bincount(labels, minlength=2).astype(np.float64)
+        weights = 0.5 / counts[labels]
     auroc = float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else float("nan")
     return {
-        "accuracy": float(accuracy_score(labels, predicted)),
+        "accuracy": float(accuracy_score(labels, predicted, sample_weight=weights)),
         "auroc": auroc,
-        "f1": float(f1_score(labels, predicted, zero_division=0.0)),
+        "f1": float(f1_score(labels, predicted, zero_division=0.0, sample_weight=weights)),
     }
 
 
@@ -161,3 +170,16 @@ def mean_of(values: Mapping[str, float] | Sequence[float]) -> float:
     if array.size == 0 or np.isnan(array).all():
         return float("nan")
     return float(np.nanmean(array))
+
+
+def mean_confidence_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and the two-sided t-interval of the mean, over seeds or paired differences; with one value the interval
+    is the point itself (no interval can be claimed)."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=np.float64)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, mean, mean
+    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    return mean, mean - half, mean + half

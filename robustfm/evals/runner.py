@@ -193,23 +193,19 @@ def run_suite(
     return result
 
 
-def evaluate_model(
-    model_or_ref: ModelRef | str | Any,
-    suites: Sequence[str],
-    cfg: EvalConfig,
-    tracker: Any = None,
-    parent_run_id: str | None = None,
-    *,
-    stage: str | None = None,
-) -> dict[str, float]:
-    """Run ``suites`` on one model; return ``{"<suite>/<metric>": value}``. The hook a recipe calls after a stage.
+def evaluate_model(*args: Any, **kwargs: Any) -> dict[str, float]:
+    """:func:`run_suites`, with the metrics as one flat dict ``{"<suite>/<metric>": value}``: the hook a recipe calls
+    after a stage.
 
-    Args:
-        model_or_ref: a :class:`ModelRef`, a ``--model`` string, or an ``nn.Module`` (copied to Ray's object store).
-        suites: suite names, or ``["all"]``.
-        stage: the stage just finished (names the runs ``eval/<stage>/<suite>``).
+    Takes :func:`run_suites`' arguments: ``(model_or_ref, suites, cfg, tracker=None, parent_run_id=None, *,
+    stage=None)``; ``model_or_ref`` may be a :class:`ModelRef`, a ``--model`` string or an ``nn.Module`` (copied to
+    Ray's object store), ``stage`` names the runs ``eval/<stage>/<suite>``.
     """
-    results = run_suites(model_or_ref, suites, cfg, tracker, parent_run_id, stage=stage)
+    return flat_metrics(run_suites(*args, **kwargs))
+
+
+def flat_metrics(results: Sequence[SuiteResult]) -> dict[str, float]:
+    """``{"<suite>/<metric>": value}`` over ``results``."""
     return {f"{r.suite}/{key}": value for r in results for key, value in r.metrics.items()}
 
 
@@ -222,7 +218,12 @@ def run_suites(
     *,
     stage: str | None = None,
 ) -> list[SuiteResult]:
-    """:func:`run_suite` for each of ``suites`` (``["all"]``: every registered suite), in order."""
+    """:func:`run_suite` for each of ``suites`` (``["all"]``: every registered suite), in order.
+
+    Args:
+        model_or_ref: a :class:`ModelRef`, a ``--model`` string, or an ``nn.Module`` (copied to Ray's object store).
+        stage: the stage just finished (names the runs ``eval/<stage>/<suite>``).
+    """
     from robustfm.evals import SUITES
 
     if isinstance(model_or_ref, ModelRef):

@@ -25,8 +25,15 @@ class GTMapConfig:
     layers: tuple[int, ...] | None = VGG_BLOCKS
     """vgg16_l1: conv blocks among 1..5 whose last ReLU is compared (relu1_2 .. relu5_3). pixel_l1: null."""
     scale: float | None = None
-    """Raw map value mapped to 1 (``map = clip(raw / scale, 0, 1)``); null: the fitted default of the mapper (fitted
-    for layers 1..5 with HED's VGG-16; refit with ``python -m robustfm.gtmaps.fit`` for other weights/layers)."""
+    """Raw map value mapped to 1 (``map = clip(raw / scale, 0, 1)``), the same for every stage and evaluation. null:
+    fitted when a run starts, for the configured weights and layers, on its first ``fit_images`` training images
+    (the ``fit_quantile`` of raw values of their corrupted copies, :mod:`robustfm.gtmaps.fit`), cached beside the
+    shards, logged and written into the run's resolved config. A given scale is checked on the same images: maps
+    that saturate or vanish are warned about with their numbers."""
+    fit_quantile: float = 0.99
+    """Quantile of raw corrupted-pixel values mapped to 1 when the scale is fitted (the strongest 1% saturate)."""
+    fit_images: int = 64
+    """Training images (each with one corrupted copy) the scale is fitted and checked on."""
     min_actors: int = 1
     """Fewest GT-map actors (each holds one VGG)."""
     max_actors: int = 1
@@ -56,6 +63,8 @@ class GTMapConfig:
             )
         if self.scale is not None:
             check(math.isfinite(self.scale) and self.scale > 0, "scale", self.scale, "must be a positive number")
+        check(0.5 < self.fit_quantile < 1, "fit_quantile", self.fit_quantile, "must be in (0.5, 1)")
+        check(self.fit_images >= 4, "fit_images", self.fit_images, "must be >= 4")
         check(self.min_actors >= 1, "min_actors", self.min_actors, "must be at least 1")
         check(self.max_actors >= self.min_actors, "max_actors", self.max_actors, "must be >= min_actors")
         check(self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -45,6 +46,52 @@ def fit_map_scale(
     if not values:
         raise ValueError("fit_map_scale: no pair had a corrupted image different from its clean image")
     return float(torch.quantile(torch.cat(values), quantile))
+
+
+SATURATED_SHARE = 0.05
+"""A map config whose corrupted-image pixels sit at 1 more often than this is saturated: the target loses detail."""
+FAINT_QUANTILE_VALUE = 0.05
+"""A map config whose 99th-percentile corrupted-image pixel is below this is faint: the target is nearly all zero."""
+
+
+@dataclass(frozen=True)
+class ScaleCheck:
+    """How a scale spreads the maps of a sample of corrupted images over [0, 1]."""
+
+    scale: float
+    saturated_share: float
+    """Share of corrupted-image pixels at 1."""
+    high_quantile: float
+    """The 99th-percentile map value of corrupted-image pixels."""
+    images: int
+
+    @property
+    def problem(self) -> str | None:
+        """A sentence for the warning, or None when the maps use the range."""
+        if self.saturated_share > SATURATED_SHARE:
+            return (
+                f"{self.saturated_share:.1%} of corrupted-image pixels saturate at 1 with scale {self.scale:g} "
+                f"(over {self.images} images; more than {SATURATED_SHARE:.0%}): raise gt_map.scale or set it to null"
+            )
+        if self.high_quantile < FAINT_QUANTILE_VALUE:
+            return (
+                f"the maps nearly vanish with scale {self.scale:g}: their 99th percentile is {self.high_quantile:.3g} "
+                f"(over {self.images} images; below {FAINT_QUANTILE_VALUE}): lower gt_map.scale or set it to null"
+            )
+        return None
+
+
+def check_scale(mapper: GTMapper, clean: torch.Tensor, corrupted: torch.Tensor, scale: float) -> ScaleCheck:
+    """Saturation and faintness of ``clip(raw / scale, 0, 1)`` on the changed pairs of a batch."""
+    changed = ~(clean == corrupted).flatten(1).all(dim=1)
+    maps = (mapper.raw(clean[changed], corrupted[changed]) / scale).clamp(0, 1).flatten().float()
+    stride = max(1, maps.numel() // (MAX_VALUES_PER_PAIR * 16))
+    return ScaleCheck(
+        scale=float(scale),
+        saturated_share=float((maps >= 1).float().mean()),
+        high_quantile=float(torch.quantile(maps[::stride], 0.99)),
+        images=int(changed.sum()),
+    )
 
 
 def corruption_pairs(

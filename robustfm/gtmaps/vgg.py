@@ -1,9 +1,10 @@
 """CG-CLIP's ground-truth map (eq. 1): L1 distance between VGG-16 features of the clean and the corrupted image.
 
 Features are read at the end of each conv block, after its last ReLU and before pooling (relu1_2, relu2_2, relu3_3,
-relu4_3, relu5_3, the taps LPIPS uses). Each layer's per-pixel L1 distance (mean over channels) is upsampled
-bilinearly to the input size; the maps of the chosen layers are averaged, then normalised by the fixed scale of
-:class:`~robustfm.gtmaps.base.GTMapper`.
+relu4_3, relu5_3, the taps LPIPS uses). Each layer's per-pixel L1 distance — eq. 1's sum over channels, so that a
+512-channel layer weighs as the paper says, not 8 times less than a 64-channel one as a channel mean would — is
+upsampled bilinearly to the input size; the maps of the chosen layers are averaged, then normalised by the fixed
+scale of :class:`~robustfm.gtmaps.base.GTMapper`.
 
 Weights: a torchvision name (``"IMAGENET1K_V1"``; downloads once into the torch hub cache), a local file (a
 state dict read with ``weights_only=True``, or ``.safetensors``; keys of torchvision's ``vgg16()`` — ``features.N.*``,
@@ -115,7 +116,7 @@ class VGGFeatureMapper(GTMapper):
     Args:
         features: torchvision ``vgg16().features`` (any prefix that contains the chosen layers' ReLUs).
         layers: conv blocks (1..5) whose last ReLU is compared.
-        scale: raw map value (a mean over channels of absolute feature differences, averaged over layers) mapped
+        scale: raw map value (a sum over channels of absolute feature differences, averaged over layers) mapped
             to 1; the default was fitted for layers 1..5 (see :mod:`robustfm.gtmaps.fit`) — refit for other layers.
 
     Inputs are [0,1] RGB images; the ImageNet normalisation happens inside.
@@ -171,7 +172,7 @@ class VGGFeatureMapper(GTMapper):
         for index, module in enumerate(self.features):
             x = module(x)
             if index in self._taps:
-                distance = (x[:n] - x[n:]).abs().mean(dim=1, keepdim=True)
+                distance = (x[:n] - x[n:]).abs().sum(dim=1, keepdim=True)  # eq. 1: L1 over channels
                 total += F.interpolate(distance, size=(height, width), mode="bilinear", align_corners=False)
         return total / len(self._taps)
 

@@ -125,9 +125,16 @@ class CGClipTask(nn.Module):
         }
 
     def logit_scale(self) -> torch.Tensor:
-        """The multiplier ``1/tau`` of eq. 2, clamped at 100; detached when the config fixes it."""
-        scale = self.model.clip.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        """The multiplier ``1/tau`` of eq. 2 (learned with the text tower; detached when the config fixes it)."""
+        # No clamp here: at the OpenAI init exp(log 100) rounds to 100.0000076 in float32, and a clamp at 100 would
+        # pass no gradient at all. The parameter is clamped after each optimizer step instead, as open_clip does.
+        scale = self.model.clip.logit_scale.exp()
         return scale.detach() if self.config.logit_scale == "fixed" else scale
+
+    def after_optimizer_step(self) -> None:
+        """Keep ``1/tau`` at most 100 (CLIP's bound, so the logits cannot blow up)."""
+        with torch.no_grad():
+            self.model.clip.logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
 
     def caption_indices(self, num_clean: int, num_corrupted: int, device: torch.device | None = None) -> torch.Tensor:
         """Index into ``clean_prompts + corrupt_prompts`` of each image of a ``[clean; corrupted]`` batch: image ``i``

@@ -29,16 +29,18 @@ class CGClipConfig:
     all prompts of this list count as the same caption for the multi-positive targets (they are paraphrases)."""
     corrupt_prompts: tuple[str, ...] = ("a corrupt photograph",)
     """Captions of corrupted images, used the same way as ``clean_prompts``."""
-    contrastive_targets: Literal["multi_positive", "clip"] = "multi_positive"
-    """``multi_positive``: every image-text pair of the same kind (clean or corrupt) is a positive, targets uniform
-    over the positives, in both directions. ``clip``: eq. 2 literally, only the diagonal is positive, so an image is
-    pushed away from identical captions of its own kind (the batch holds only two distinct captions)."""
+    contrastive_targets: Literal["multi_positive", "clip"] = "clip"
+    """``clip``: eq. 2 as written (target = the diagonal). ``multi_positive``: every image-text pair of the same kind
+    is a positive, targets uniform over the positives in both directions. With one prompt per kind both give the same
+    loss and gradients (identical captions have identical logits); they differ only with several paraphrased prompts
+    per kind, where ``clip`` pushes an image away from its own kind's other phrasings."""
     logit_scale: Literal["trainable", "fixed"] = "trainable"
     """``trainable``: the CLIP temperature ``1/tau`` is learned with the text encoder (eq. 2's learnable tau).
     ``fixed``: it is used but receives no gradient."""
     logit_scale_init: float | None = None
     """Multiplier ``1/tau`` to start from (or keep, when fixed). None: the loaded model's own value (100 for the
-    OpenAI ViT-B/32 weights, 1/0.07 at random init). The learned value is clamped at 100 like CLIP's."""
+    OpenAI ViT-B/32 weights, 1/0.07 at random init). The learned parameter is clamped at 100 after each optimizer
+    step, as open_clip does (a clamp in the forward pass would pass no gradient at 100)."""
     decoder_on_clean: bool = True
     """Also train the decoder on the clean half of the batch, with an all-zero target (a clean image has no
     corruption; ``map`` in the batch covers the corrupted half only). False: BCE on the corrupted half only."""
@@ -71,10 +73,10 @@ class CGClipConfig:
             "must not repeat a clean prompt (the two kinds would share a caption)",
         )
         check(
-            self.logit_scale_init is None or (math.isfinite(self.logit_scale_init) and self.logit_scale_init > 0),
+            self.logit_scale_init is None or (math.isfinite(self.logit_scale_init) and 0 < self.logit_scale_init <= 100),
             "logit_scale_init",
             self.logit_scale_init,
-            "must be a positive number (the multiplier 1/tau, e.g. 100) or null",
+            "must be a positive number up to 100 (the multiplier 1/tau; CLIP bounds it at 100) or null",
         )
 
 

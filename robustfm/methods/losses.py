@@ -1,11 +1,13 @@
 """CG-CLIP's two losses: the FLYP-style contrastive loss (eq. 2) and the pixel-wise corruption BCE (eq. 3).
 
 The contrastive batch of CG-CLIP is ``[clean; corrupted]`` against object-agnostic prompts ("a clean photograph",
-"a corrupt photograph"), so a batch of ``B = 2N`` pairs holds only a handful of distinct captions. Eq. 2 read
-literally (the plain CLIP loss, target = the diagonal) then pushes every image away from the caption of every *other*
-image of its own kind, although that caption is the same text. The multi-positive variant instead spreads each
-row's (and each column's) target uniformly over every pair that shares the caption; with all captions distinct it is
-exactly the CLIP loss.
+"a corrupt photograph"), so a batch of ``B = 2N`` pairs holds only a handful of distinct captions. With one prompt
+per kind (the paper's) every caption of a kind has the same text embedding, so the duplicate logits of a row are equal
+and eq. 2 read literally (the plain CLIP loss, target = the diagonal) has exactly the value and the gradients of the
+multi-positive variant, which spreads each row's (and column's) target uniformly over every pair of the same caption.
+They differ only when a kind has several paraphrased prompts: then plain eq. 2 pushes an image away from its own
+kind's other phrasings, and multi-positive counts them as positives. With all captions distinct both are the CLIP
+loss.
 """
 
 from __future__ import annotations

@@ -49,6 +49,9 @@ class PerturbFTTask(nn.Module):
         self.config = stage_settings_applied(self.base_config, stage)
         self.active_losses = stage.active_losses
 
+    def after_optimizer_step(self) -> None:
+        """Nothing to do after a step (the temperature is not used by these losses)."""
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """``image_encoder`` (what paper 004 fine-tunes) and ``text_encoder`` (with the temperature)."""
         return {"image_encoder": self.model.image_parameters(), "text_encoder": self.model.text_parameters()}

@@ -48,28 +48,33 @@ _ACTIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _NOT_SET = object()  # "the module had no instance attribute forward" (None could be a value)
 
 
-class Attend(Protocol):
-    """The shared attention core a family's explicit forward calls with its projected heads.
+@dataclass(frozen=True)
+class ProjectedHeads:
+    """What a family's explicit forward hands to the shared attention core: its projected heads and how to attend.
 
-    Args:
+    Attributes:
         q, k, v: ``(B, H, T, head_dim)``, after any q/k norm.
         scale: multiplies ``q`` before ``q @ k^T`` (the library's own order, so rounding matches its math path).
         bias: the library's own additive mask for this call (None in a plain image forward).
         dropout: applied to the probabilities (the module's attention dropout).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    bias: torch.Tensor | None
+    dropout: Callable[[torch.Tensor], torch.Tensor]
+
+
+class Attend(Protocol):
+    """The shared attention core a family's explicit forward calls with its :class:`ProjectedHeads`.
 
     Returns:
         ``(attention output (B, H, T, head_dim), post-softmax probabilities (B, H, T, T) before dropout)``.
     """
 
-    def __call__(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        scale: float,
-        bias: torch.Tensor | None,
-        dropout: Callable[[torch.Tensor], torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def __call__(self, heads: ProjectedHeads) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -138,25 +143,16 @@ class AttentionTaps:
         """Drop the recorded probabilities (and the graph they hold)."""
         self._probs = [None] * self.num_blocks
 
-    def _attend(
-        self,
-        block: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        scale: float,
-        bias: torch.Tensor | None,
-        dropout: Callable[[torch.Tensor], torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = (q * scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
+    def _attend(self, block: int, heads: ProjectedHeads) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = (heads.q * heads.scale) @ heads.k.transpose(-2, -1)
+        if heads.bias is not None:
+            logits = logits + heads.bias
         if self.logit_mask is not None:
             logits = _apply_logit_mask(self.logit_mask, logits, block)
         probs = logits.softmax(dim=-1)
         if self.record:
             self._probs[block - 1] = probs if self.keep_graph else probs.detach()
-        return dropout(probs) @ v, probs
+        return heads.dropout(probs) @ heads.v, probs
 
 
 def _apply_logit_mask(mask: LogitMask, logits: torch.Tensor, block: int) -> torch.Tensor:

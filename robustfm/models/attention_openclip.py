@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustfm.models.attention import Attend, AttentionAdapter
+from robustfm.models.attention import Attend, AttentionAdapter, ProjectedHeads
 
 if TYPE_CHECKING:
     from robustfm.models.clip import ClipModel
@@ -86,7 +86,8 @@ def multihead_self_attention(
     q, k, v = F.linear(x, module.in_proj_weight, module.in_proj_bias).chunk(3, dim=-1)
     q, k, v = (t.reshape(batch, tokens, heads, head_dim).transpose(1, 2) for t in (q, k, v))
     dropout = functools.partial(F.dropout, p=module.dropout, training=module.training)
-    out, probs = attend(q, k, v, head_dim**-0.5, _additive_bias(attn_mask, batch, heads, q.dtype), dropout)
+    bias = _additive_bias(attn_mask, batch, heads, q.dtype)
+    out, probs = attend(ProjectedHeads(q, k, v, head_dim**-0.5, bias, dropout))
     out = F.linear(out.transpose(1, 2).reshape(batch, tokens, width), module.out_proj.weight, module.out_proj.bias)
     if not module.batch_first:
         out = out.transpose(0, 1)

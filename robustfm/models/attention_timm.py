@@ -14,7 +14,7 @@ import torch
 from timm.layers import Attention, resolve_self_attn_mask
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 
-from robustfm.models.attention import Attend, AttentionAdapter
+from robustfm.models.attention import Attend, AttentionAdapter, ProjectedHeads
 
 if TYPE_CHECKING:
     from robustfm.models.timm_classifier import TimmClassifier
@@ -68,7 +68,7 @@ def timm_self_attention(
     q, k, v = qkv.unbind(0)
     q, k = module.q_norm(q), module.k_norm(k)
     bias = resolve_self_attn_mask(tokens, q, attn_mask, is_causal)
-    out, _ = attend(q, k, v, module.scale, bias, module.attn_drop)
+    out, _ = attend(ProjectedHeads(q, k, v, module.scale, bias, module.attn_drop))
     out = module.norm(out.transpose(1, 2).reshape(batch, tokens, module.attn_dim))
     if gate is not None:
         out = out * gate

@@ -15,11 +15,17 @@ if TYPE_CHECKING:
     from robustfm.models.clip import ClipModel
     from robustfm.models.timm_classifier import TimmClassifier
 
-#: Model families: name -> builder ``(arch, pretrained) -> nn.Module``. Meta ``tiny`` lists the tiny architectures
-#: robustfm registers with that library (usable offline, random init or local weights).
+#: Model families: name -> builder ``(arch, pretrained) -> nn.Module``. Meta ``tiny`` lists the tiny ViT architectures
+#: robustfm registers with that library (usable offline, random init or local weights; with patch tokens), meta
+#: ``tiny_conv`` the tiny convolutional ones (embeddings only: no patch tokens, no attention).
 MODELS: Registry = Registry("model family")
 MODELS.register_lazy(
-    "open_clip", "robustfm.models.clip:build_clip_model", tiny=("tiny-vit",), returns="ClipModel", library="open_clip"
+    "open_clip",
+    "robustfm.models.clip:build_clip_model",
+    tiny=("tiny-vit",),
+    tiny_conv=("tiny-convnext",),
+    returns="ClipModel",
+    library="open_clip",
 )
 MODELS.register_lazy(
     "timm",
@@ -29,9 +35,14 @@ MODELS.register_lazy(
     library="timm",
 )
 
-#: Every tiny model of every family, as full names (``open_clip/tiny-vit``, ``timm/tiny-vit``); tests iterate these.
+#: Every tiny ViT of every family, as full names (``open_clip/tiny-vit``, ``timm/tiny-vit``); token and attention
+#: tests iterate these.
 TINY_MODELS: tuple[str, ...] = tuple(
     f"{family}/{arch}" for family in MODELS.names() for arch in MODELS.meta(family)["tiny"]
+)
+#: The tiny convolutional models (``open_clip/tiny-convnext``): embeddings only, for paper 003's ConvNeXt path.
+TINY_CONV_MODELS: tuple[str, ...] = tuple(
+    f"{family}/{arch}" for family in MODELS.names() for arch in MODELS.meta(family).get("tiny_conv", ())
 )
 
 
@@ -52,7 +63,8 @@ def create_model(name: str, pretrained: str | None = None) -> ClipModel | TimmCl
 
     Args:
         name: ``family/arch``: ``open_clip/ViT-B-32``, ``timm/vit_base_patch16_224``, ``open_clip/tiny-vit``,
-            ``timm/tiny-vit``. An unknown family or architecture raises with a "did you mean".
+            ``timm/tiny-vit``, ``open_clip/convnext_base_w:224`` (open_clip: ``:<size>`` runs a convolutional tower
+            at another input size). An unknown family or architecture raises with a "did you mean".
         pretrained: None for random init; a local weights path (``.safetensors``, or a torch checkpoint loaded with
             ``weights_only=True``; a bare open_clip/timm state dict or one saved from robustfm's wrapper); or a
             pretrained tag of the library (``openai``; needs internet, else ``PretrainedUnavailableError``).

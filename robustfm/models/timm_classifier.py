@@ -16,14 +16,7 @@ from torch import nn
 
 from robustfm.models.pixels import PixelNormalize
 from robustfm.models.tokens import block_indices, check_tokens
-from robustfm.models.weights import (
-    check_pretrained_tag,
-    is_local_weights,
-    load_checked_state_dict,
-    pretrained_unavailable,
-    read_state_dict,
-    strip_prefix,
-)
+from robustfm.models.weights import choose_weights, load_checked_state_dict, strip_prefix
 from robustfm.registry import UnknownNameError, did_you_mean
 
 if TYPE_CHECKING:
@@ -160,16 +153,14 @@ def build_timm_classifier(arch: str, pretrained: str | None = None) -> TimmClass
             f"unknown timm architecture {arch!r}{did_you_mean(arch, known + list(TINY_TIMM_ARCHS))} "
             f"({len(known)} known: see timm.list_models(); robustfm's tiny ones: {', '.join(TINY_TIMM_ARCHS)})"
         )
-    tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{timm_arch}.*")]
-    local_file = pretrained is not None and is_local_weights(pretrained, tags)
-    if pretrained is None or local_file:
+    choice = choose_weights(name, pretrained, [n.partition(".")[2] for n in timm.list_pretrained(f"{timm_arch}.*")])
+    if choice.tag is None:
         model = TimmClassifier(timm.create_model(timm_arch, pretrained=False), arch, pretrained)
-        if local_file:
-            load_timm_state_dict(model, read_state_dict(pretrained), source=pretrained)
+        if choice.file is not None:
+            load_timm_state_dict(model, choice.state_dict(), source=choice.file)
         return model
-    check_pretrained_tag(name, pretrained, tags)
     try:
-        backbone = timm.create_model(f"{timm_arch}.{pretrained}", pretrained=True)
+        backbone = timm.create_model(f"{timm_arch}.{choice.tag}", pretrained=True)
     except OSError as error:  # hub errors (offline mode, DNS, HTTP, missing cache entry) are all OSErrors
-        raise pretrained_unavailable(name, pretrained, error) from error
+        raise choice.unavailable(error) from error
     return TimmClassifier(backbone, arch, pretrained)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,6 +61,44 @@ def pretrained_unavailable(model_name: str, tag: str, cause: BaseException) -> P
         f"it, copy the file here and pass its path instead of the tag: model.pretrained=/path/to/weights.safetensors "
         f"(a .safetensors file, or a torch checkpoint that loads with weights_only=True)."
     )
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    """Where a model builder takes the weights from; at most one of ``tag`` and ``file`` is set (neither: random
+    init)."""
+
+    model_name: str
+    """``family/arch``, for messages."""
+    tag: str | None = None
+    """A known pretrained tag of the architecture: the builder fetches it, raising :meth:`unavailable` on failure."""
+    file: str | None = None
+    """A local weights file: the builder builds at random init, then loads :meth:`state_dict` into the model."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The local file's state dict (:func:`read_state_dict`)."""
+        if self.file is None:
+            raise ValueError(f"{self.model_name}: no local weights file was chosen")
+        return read_state_dict(self.file)
+
+    def unavailable(self, cause: BaseException) -> PretrainedUnavailableError:
+        """The error to raise when the tag's weights cannot be fetched (:func:`pretrained_unavailable`)."""
+        return pretrained_unavailable(self.model_name, str(self.tag), cause)
+
+
+def choose_weights(model_name: str, pretrained: str | None, known_tags: Sequence[str]) -> WeightsChoice:
+    """Read a builder's ``pretrained`` argument: None is random init, a path a local file (:func:`is_local_weights`),
+    anything else must be one of ``known_tags``.
+
+    Raises:
+        ValueError: naming the architecture's tags when ``pretrained`` is neither a file nor a known tag.
+    """
+    if pretrained is None:
+        return WeightsChoice(model_name)
+    if is_local_weights(pretrained, known_tags):
+        return WeightsChoice(model_name, file=pretrained)
+    check_pretrained_tag(model_name, pretrained, known_tags)
+    return WeightsChoice(model_name, tag=pretrained)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -12,6 +12,8 @@ Rerunning the same command finishes an interrupted run (the kit skips saved stag
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,10 @@ from robustfm.recipes.kit import (
 )
 from robustfm.sweeps.recipes import REPO_ROOT, EpochValidation, RecipeSweep
 
+logger = logging.getLogger("robustfm.recipes.cgclip")
 DETECTION_AUROC = "corruption_detection/zero_shot/all/auroc"
 OOD_SUITE = "corruption_detection"
-"""The suite a milestone also runs on ``data.ood_shards`` (paper 000 evaluates detection in and out of domain)."""
+"""The suite a milestone also runs on each of ``data.ood`` (paper 000 evaluates detection in and out of domain)."""
 
 
 def run(cfg: CGClipRecipeConfig) -> Any:
@@ -37,8 +40,8 @@ def run(cfg: CGClipRecipeConfig) -> Any:
     from robustfm.models.export import clip_state_dict
     from robustfm.recipes.kit import export_with_wise_ft, milestone, print_where, train_curriculum
 
-    # 1. set-up: inputs, output folder, tracker and parent run -------------------------------------------------------
-    cfg = with_demo_data(cfg)
+    # 1. set-up: inputs (the GT maps' scale fitted for the configured VGG), output folder, tracker and parent run -----
+    cfg = with_fitted_gt_scale(with_demo_data(cfg))
     run_ = RecipeRun.start(cfg, "cgclip", tags={"curriculum": ",".join(cfg.curriculum)})
     builder = TaskBuilder("cgclip", cfg.model, cfg.method)
     settings = milestone_eval_settings(cfg)
@@ -50,7 +53,7 @@ def run(cfg: CGClipRecipeConfig) -> Any:
 
     # 3. the curriculum: one fit per stage; ground-truth maps only for stages whose corruption loss counts ------------
     def batches(stage: str) -> Any:
-        return training_batches(cfg.data, cfg.seed, with_maps=_needs_maps(cfg, [stage]))
+        return training_batches(cfg.data, cfg.seed, cfg.clean_per_worker, with_maps=_needs_maps(cfg, [stage]))
 
     _, task = train_curriculum(run_, builder, batches, lambda name, task: measure(cfg, settings, run_.out, name, task))
 
@@ -77,6 +80,56 @@ def run(cfg: CGClipRecipeConfig) -> Any:
     return run_
 
 
+def with_fitted_gt_scale(cfg: CGClipRecipeConfig) -> CGClipRecipeConfig:
+    """``cfg`` with ``data.gt_map.scale`` set, and the maps checked: when no scale is given, it is fitted for the
+    configured network on the run's first training images (``fit_quantile`` of the raw values of their corrupted
+    copies) and cached beside the shards, so every stage, rerun and evaluation uses the same one; a given scale is
+    checked on the same images. Maps that saturate or vanish are warned about with the numbers. Nothing happens when
+    no stage weighs the corruption loss (no maps are computed)."""
+    import json
+
+    from robustfm.data.shards import Location, read_json, write_json_atomic
+    from robustfm.gtmaps import build_gt_mapper
+    from robustfm.gtmaps.fit import check_scale, fit_map_scale
+
+    gt = cfg.data.gt_map
+    if not _needs_maps(cfg, list(cfg.curriculum)):
+        return cfg
+    key = json.dumps(
+        [gt.name, gt.weights, gt.layers, cfg.data.image_size, cfg.data.corruption.corruption_set, gt.fit_quantile],
+        default=list,
+    )
+    location = Location(cfg.data.shards, cfg.data.s3_endpoint_url)
+    cache, fs = location.join("gt_map_scales.json"), location.filesystem()
+    cached = read_json(fs, cache) if fs.get_file_info(cache).size else {}
+    batch = first_evaluation_batch(cfg.data, cfg.data.train_split, cfg.seed, seed=cfg.seed, max_images=gt.fit_images)
+    mapper = build_gt_mapper(gt.name, weights=gt.weights, layers=gt.layers, scale=1.0)
+    clean, corrupted = batch["image"].float(), batch["corrupted"].float()
+    scale = gt.scale
+    if scale is None:
+        scale = cached.get(key)
+    if scale is None:
+        scale = fit_map_scale(mapper, [(clean, corrupted)], gt.fit_quantile)
+        try:  # beside the shards, for every later run on them; a read-only store just means no cache
+            write_json_atomic(location, cache, {**cached, key: scale})
+        except OSError as err:
+            logger.warning("could not cache the fitted GT-map scale in %s: %s", location.display(), err)
+        logger.info(
+            "gt_map.scale fitted for %s (weights %s, layers %s): %.6g, the %.3g quantile of raw corrupted-pixel values "
+            "of the first %d training images",
+            gt.name,
+            gt.weights,
+            gt.layers,
+            scale,
+            gt.fit_quantile,
+            len(clean),
+        )
+    found = check_scale(mapper, clean, corrupted, scale)
+    if found.problem:
+        logger.warning("ground-truth maps: %s", found.problem)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, gt_map=dataclasses.replace(gt, scale=scale)))
+
+
 def _needs_maps(cfg: CGClipRecipeConfig, stages: list[str]) -> bool:
     # A VGG-16 pass per image: compute ground-truth maps only when some stage's corruption loss counts.
     return any(cfg.train.stages[s].loss_weights.get("corruption", 0.0) > 0 for s in stages)
@@ -96,7 +149,7 @@ def _corruption_stages(data: CGClipDataConfig, corruption_seed: int, with_maps: 
     return stages
 
 
-def training_batches(data: CGClipDataConfig, seed: int, *, with_maps: bool) -> Any:
+def training_batches(data: CGClipDataConfig, seed: int, clean_per_worker: int, *, with_maps: bool) -> Any:
     """The training split minus its held-out part, each image with its corrupted copy (and GT map ``with_maps``)."""
     from robustfm.data import ShardBatchSource
 
@@ -104,7 +157,7 @@ def training_batches(data: CGClipDataConfig, seed: int, *, with_maps: bool) -> A
         data.shards,
         data.train_split,
         data.image_size,
-        data.clean_per_batch,
+        clean_per_worker,
         train=True,
         seed=seed,
         stages=_corruption_stages(data, seed, with_maps),
@@ -163,24 +216,39 @@ def first_evaluation_batch(
 
 
 def milestone_eval_settings(cfg: CGClipRecipeConfig) -> Any:
-    """The suites' settings with the in-domain evaluation split filled in where a suite names no data."""
+    """The suites' settings this recipe evaluates with: the in-domain evaluation split filled in where a suite names
+    no data, and (``detection_prompts: method``) the zero-shot detector asking with the method's own prompts."""
+    from robustfm.config import replace_path
     from robustfm.recipes.milestones import with_eval_data
 
-    return with_eval_data(cfg.eval.settings, cfg.data.shards, cfg.data.eval_split, None)
+    settings = with_eval_data(cfg.eval.settings, cfg.data.shards, cfg.data.eval_split, None)
+    if cfg.detection_prompts == "method":
+        for kind in ("clean_prompts", "corrupt_prompts"):
+            settings = replace_path(settings, f"suites.{OOD_SUITE}.{kind}", list(getattr(cfg.method, kind)))
+    return settings
 
 
 def measure(cfg: CGClipRecipeConfig, settings: Any, out: Path, name: str, task: Any) -> Any:
     """The evaluation of one milestone (for :func:`robustfm.recipes.kit.milestone`): the milestone suites on the CLIP
-    model in domain, detection out of domain when ``data.ood_shards`` is set, and the t-SNE plot."""
+    model in domain, detection on every out-of-domain set of ``data.ood`` (the linear probe fitted in domain and
+    applied as it is, unless ``probe: refit``), and the t-SNE plot."""
 
     def evaluate(tracker: Any, run_id: str) -> MilestoneResult:
         from robustfm.evals import evaluate_model
 
         model = task.model.clip
-        metrics = evaluate_model(model, cfg.eval.suites, settings, tracker, run_id)
-        if cfg.data.ood_shards is not None:
-            ood = evaluate_model(model, [OOD_SUITE], _ood_settings(cfg, settings), tracker, run_id, stage="ood")
-            metrics.update({f"ood/{key}": value for key, value in ood.items()})
+        milestone_settings, probe_settings = settings, None
+        if OOD_SUITE in cfg.eval.suites and cfg.probe == "transfer":
+            probe_settings = _probe_settings(cfg, settings, out / "milestones" / name / "probe.npz")
+            evaluate_model(model, [OOD_SUITE], probe_settings["fit"], tracker, run_id, stage="probe-fit")
+            milestone_settings = probe_settings["load"]
+        metrics = evaluate_model(model, cfg.eval.suites, milestone_settings, tracker, run_id)
+        for ood_name, ood in cfg.data.ood.items():
+            ood_settings = _ood_settings(probe_settings["load"] if probe_settings else settings, ood.shards, ood.split)
+            found = evaluate_model(model, [OOD_SUITE], ood_settings, tracker, run_id, stage=f"ood-{ood_name}")
+            if cfg.probe == "refit":
+                found = {key.replace("/probe/", "/probe_refit/"): value for key, value in found.items()}
+            metrics.update({f"ood/{ood_name}/{key}": value for key, value in found.items()})
         artifacts = ()
         if cfg.eval.tsne:
             artifacts = ((str(_tsne(cfg, name, model, out / "tsne" / f"{name}.png")), "tsne"),)
@@ -189,12 +257,26 @@ def measure(cfg: CGClipRecipeConfig, settings: Any, out: Path, name: str, task: 
     return evaluate
 
 
-def _ood_settings(cfg: CGClipRecipeConfig, settings: Any) -> Any:
-    """The milestone settings with the detection suite pointed at ``data.ood_shards``."""
+def _probe_settings(cfg: CGClipRecipeConfig, settings: Any, path: Path) -> dict[str, Any]:
+    """``fit``: the detection suite on the in-domain training split minus its held-out rows, fitting the probe and
+    saving it to ``path``; ``load``: the milestone settings applying that probe unchanged."""
     from robustfm.config import replace_path
 
-    settings = replace_path(settings, f"suites.{OOD_SUITE}.data.shards", cfg.data.ood_shards)
-    return replace_path(settings, f"suites.{OOD_SUITE}.data.split", cfg.data.ood_split)
+    suite = f"suites.{OOD_SUITE}"
+    fit = replace_path(settings, f"{suite}.data.split", cfg.data.train_split)
+    fit = replace_path(fit, f"{suite}.data.holdout_fraction", cfg.data.holdout_fraction)
+    fit = replace_path(fit, f"{suite}.probe", "fit")
+    fit = replace_path(fit, f"{suite}.probe_path", str(path))
+    load = replace_path(replace_path(settings, f"{suite}.probe", "load"), f"{suite}.probe_path", str(path))
+    return {"fit": fit, "load": load}
+
+
+def _ood_settings(settings: Any, shards: str, split: str) -> Any:
+    """The milestone settings with the detection suite pointed at an out-of-domain set."""
+    from robustfm.config import replace_path
+
+    settings = replace_path(settings, f"suites.{OOD_SUITE}.data.shards", shards)
+    return replace_path(settings, f"suites.{OOD_SUITE}.data.split", split)
 
 
 def _tsne(cfg: CGClipRecipeConfig, name: str, model: Any, png: Path) -> Path:
@@ -220,8 +302,8 @@ def milestone_table(milestones: dict[str, dict[str, float]]) -> str:
         DETECTION_AUROC,
         ZERO_SHOT_TOP1,
     ]
-    if any(key.startswith("ood/") for m in milestones.values() for key in m):
-        keys += [f"ood/{key}" for key in keys[:4]]
+    ood_sets = sorted({key.split("/")[1] for m in milestones.values() for key in m if key.startswith("ood/")})
+    keys += [f"ood/{name}/{key}" for name in ood_sets for key in keys[:4]]
     rows = [
         {"milestone": name, **{k.replace("corruption_detection/", ""): m.get(k, float("nan")) for k in keys}}
         for name, m in milestones.items()
@@ -268,9 +350,11 @@ SWEEP = RecipeSweep(
     metrics={"val/auroc": "max", "val/accuracy": "max", "val/f1": "max", "train/loss": "min"},
     diverged_values={"val/auroc": 0.0, "val/accuracy": 0.0, "val/f1": 0.0},
     builder=lambda cfg, weights: TaskBuilder("cgclip", cfg.model, cfg.method, weights),
-    batches=lambda cfg, stages: training_batches(cfg.data, cfg.seed, with_maps=_needs_maps(cfg, list(stages))),
+    batches=lambda cfg, stages: training_batches(
+        cfg.data, cfg.seed, cfg.clean_per_worker, with_maps=_needs_maps(cfg, list(stages))
+    ),
     validation=_validation,
     problems=check_paths,
-    resolve_data=with_demo_data,
+    resolve_data=lambda cfg: with_fitted_gt_scale(with_demo_data(cfg)),
 )
 """CG-CLIP as a sweepable recipe: a trial trains some stages of the curriculum, validated after every epoch."""

@@ -26,10 +26,10 @@ COLUMNS = {
     "zero-shot top-1 (classes)": "zero_shot/clean/top1",
 }
 OOD_COLUMNS = {
-    "OOD seen AUROC (zero-shot)": "ood/corruption_detection/zero_shot/set/seen/auroc",
-    "OOD unseen AUROC (zero-shot)": "ood/corruption_detection/zero_shot/set/unseen/auroc",
+    "seen AUROC (zero-shot)": "corruption_detection/zero_shot/set/seen/auroc",
+    "unseen AUROC (zero-shot)": "corruption_detection/zero_shot/set/unseen/auroc",
 }
-"""Added to the table when the base config sets ``data.ood_shards``."""
+"""Added to the table for each out-of-domain set of ``data.ood`` (``<name> seen AUROC (zero-shot)``, ...)."""
 PROBE_BASELINE = {
     "seen AUROC (probe)": "corruption_detection/probe/set/seen/auroc",
     "unseen AUROC (probe)": "corruption_detection/probe/set/unseen/auroc",
@@ -68,7 +68,9 @@ def run_ablations(base: CGClipRecipeConfig, variants: dict[str, CGClipRecipeConf
     from robustfm.recipes.milestones import markdown_table
     from robustfm.tracking import create_tracker, resolve_tracking_uri
 
-    columns = {**COLUMNS, **(OOD_COLUMNS if base.data.ood_shards is not None else {})}
+    columns = dict(COLUMNS)
+    for ood_name in base.data.ood:
+        columns.update({f"{ood_name} {col}": f"ood/{ood_name}/{key}" for col, key in OOD_COLUMNS.items()})
     rows, pretrained = [], {}
     for name, cfg in variants.items():
         result = run(cfg)

@@ -94,6 +94,24 @@ class RecipeConfig:
         )
 
 
+def per_worker_batch(global_batch: int, train: TrainConfig, field_name: str, images_per_sample: int = 1) -> int:
+    """Samples per worker micro-batch that make ``global_batch`` images per optimizer step over all workers
+    (``images_per_sample``: images each sample brings, e.g. 2 for a clean image and its corrupted copy).
+
+    Raises:
+        ConfigError: naming ``field_name`` when the global batch does not divide evenly.
+    """
+    parts = train.num_workers * train.grad_accum_steps * images_per_sample
+    check(
+        global_batch % parts == 0 and global_batch >= parts,
+        field_name,
+        global_batch,
+        f"must be a positive multiple of {parts} = {train.num_workers} workers x {train.grad_accum_steps} "
+        f"accumulation steps x {images_per_sample} image(s) per sample",
+    )
+    return global_batch // parts
+
+
 def missing_inputs(
     shards: Mapping[str, tuple[str | None, Mapping[str, str]]], weights: Mapping[str, str | None]
 ) -> list[str]:

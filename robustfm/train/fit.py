@@ -12,6 +12,7 @@ import torch
 from robustfm.train.capabilities import check_capabilities
 from robustfm.train.checkpoint import MODEL_FILE, load_model_state
 from robustfm.train.config import TrainConfig
+from robustfm.train.launch import LaunchRequest
 from robustfm.train.launchers import run_local, run_ray
 from robustfm.train.loop import check_stage_groups, run_needs
 from robustfm.train.reporting import TrackingSpec
@@ -111,6 +112,9 @@ def fit(
     check_capabilities(train_cfg, run_needs(train_cfg, probe))
     del probe, groups
     tracking = TrackingSpec(uri=tracking_uri, experiment=experiment, parent_run_id=parent_run_id, run_name=run_name)
+    request = LaunchRequest(
+        train_cfg, build_task, batches, tracking, run_name, on_stage_end, on_epoch_end, tuple(run_callbacks)
+    )
     launch = run_ray if train_cfg.launcher == "ray" else run_local
     logger.info(
         "training %s: %d stage(s) %s, launcher %s, %d worker(s), strategy %s",
@@ -121,7 +125,7 @@ def fit(
         train_cfg.num_workers,
         train_cfg.strategy.name,
     )
-    outcome = launch(train_cfg, build_task, batches, tracking, run_name, on_stage_end, on_epoch_end, run_callbacks)
+    outcome = launch(request)
     summary = dict(outcome.summary)
     history = tuple(summary.pop("history", ()))
     checkpoint = outcome.checkpoint_path

@@ -1,6 +1,6 @@
 """The training loop every worker runs: stages, per-stage optimizer, schedule, loss weighting, checkpoints, resume.
 
-Launcher-agnostic: a :class:`robustfm.train.launchers.WorkerContext` gives the rank, device, the checkpoint to
+Launcher-agnostic: a :class:`robustfm.train.launch.WorkerContext` gives the rank, device, the checkpoint to
 resume from and a way to report checkpoints (Ray Train or a local directory).
 """
 
@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,18 +18,20 @@ from robustfm.config import ConfigError
 from robustfm.seeding import epoch_seed
 from robustfm.train.checkpoint import (
     MODEL_FILE,
-    CheckpointState,
     TrainPosition,
     checkpoint_name,
     load_model_state,
     read_state,
     restore_rng,
-    write_checkpoint,
 )
 from robustfm.train.config import StageConfig, TrainConfig
 from robustfm.train.reporting import StageReporter, TrackingSpec
+from robustfm.train.stage_run import StageRun, checkpoint_due
 from robustfm.train.strategies import DDPRuntime, DeepSpeedRuntime, build_optimizer, decide_strategy
 from robustfm.train.task import BatchSource, StageSpec, Task, batch_size_of, check_param_groups
+
+if TYPE_CHECKING:
+    from robustfm.train.launch import WorkerContext
 
 logger = logging.getLogger("robustfm.train")
 
@@ -94,7 +94,7 @@ def train_worker(
     cfg: TrainConfig,
     build_task: Callable[[], Task],
     source: BatchSource,
-    context: Any,
+    context: WorkerContext,
     tracking: TrackingSpec,
     on_stage_end: Callable[..., Any] | None = None,
     on_epoch_end: Callable[..., Any] | None = None,
@@ -242,7 +242,7 @@ def _run_stage(
     stage: StageConfig,
     task: Any,
     source: BatchSource,
-    context: Any,
+    context: WorkerContext,
     decision: Any,
     position: TrainPosition,
     restored: Path | None,
@@ -284,6 +284,7 @@ def _run_stage(
         context.progress,
         cfg.log_every_steps,
     )
+    stage_run = StageRun(cfg, context, stage_name, position, runtime, decision, history, reporter, run)
     accum = cfg.grad_accum_steps
     lrs = peak_lrs
     last_name = ""
@@ -307,6 +308,7 @@ def _run_stage(
                 position.batches_done = index + 1
                 if not boundary:
                     continue
+                task.after_optimizer_step()
                 position.stage_step += 1
                 position.global_step += 1
                 position.samples_seen += step_samples * world_size
@@ -322,8 +324,8 @@ def _run_stage(
                     context.die(f"fault injected after step {position.global_step}")
                 # A checkpoint due on an epoch's last step waits until the epoch is closed and validated (below):
                 # a run resumed from it then starts the next epoch instead of validating this one a second time.
-                if _checkpoint_due(cfg, position) and position.batches_done < usable and not stage_done:
-                    last_name = _checkpoint(cfg, context, stage_name, position, runtime, decision, history, reporter)
+                if checkpoint_due(cfg, position) and position.batches_done < usable and not stage_done:
+                    last_name = stage_run.checkpoint()
                     checkpointed_step = position.global_step
             if position.batches_done < usable:
                 raise RuntimeError(
@@ -333,99 +335,14 @@ def _run_stage(
             position.epoch += 1
             position.batches_done = 0
             if on_epoch_end is not None:
-                _validate_epoch(
-                    on_epoch_end,
-                    context,
-                    stage_name,
-                    epochs_before + position.epoch,
-                    position,
-                    runtime,
-                    history,
-                    reporter,
-                    run,
-                )
-            due = _checkpoint_due(cfg, position) and checkpointed_step != position.global_step
+                stage_run.validate_epoch(on_epoch_end, epochs_before + position.epoch)
+            due = checkpoint_due(cfg, position) and checkpointed_step != position.global_step
             if due and position.epoch < stage.epochs:
-                last_name = _checkpoint(cfg, context, stage_name, position, runtime, decision, history, reporter)
+                last_name = stage_run.checkpoint()
         position.stage_complete = True
         final_state = runtime.full_state_dict()
-        last_name = _checkpoint(cfg, context, stage_name, position, runtime, decision, history, reporter, final_state)
+        last_name = stage_run.checkpoint(final_state)
     finally:
         reporter.close()
         runtime.close()
     return final_state, last_name
-
-
-def _checkpoint_due(cfg: Any, position: TrainPosition) -> bool:
-    """A periodic mid-stage checkpoint falls on the current step (stage ends always checkpoint)."""
-    return bool(cfg.checkpoint_every_steps) and position.global_step % cfg.checkpoint_every_steps == 0
-
-
-def _validate_epoch(
-    on_epoch_end: Callable[..., Any],
-    context: Any,
-    stage_name: str,
-    epochs_done: int,
-    position: TrainPosition,
-    runtime: Any,
-    history: list[dict[str, Any]],
-    reporter: StageReporter,
-    run: Any,
-) -> None:
-    """Rank 0 validates the current weights; then every rank reports ``{"epoch", "stage", **metrics}``."""
-    started, cpu_started = time.perf_counter(), time.thread_time()
-    model_state = None
-    if context.rank == 0 or runtime.name == "deepspeed":
-        model_state = runtime.full_state_dict()  # a collective under ZeRO-3
-    metrics: dict[str, float] = {}
-    if context.rank == 0:
-        returned = on_epoch_end(stage_name, epochs_done, model_state, dict(reporter.last or {})) or {}
-        metrics = {str(k): float(v) for k, v in returned.items()}
-        history.append({"stage": stage_name, "epoch": float(epochs_done), **metrics})
-        if run is not None and metrics:
-            run.log_metrics(metrics, step=position.global_step)
-        logger.info("stage %s: epoch %d validated: %s", stage_name, epochs_done, metrics)
-    del model_state
-    context.report_metrics({"epoch": epochs_done, "stage": stage_name, **metrics})
-    reporter.exclude(time.perf_counter() - started, time.thread_time() - cpu_started)
-
-
-def _checkpoint(
-    cfg: TrainConfig,
-    context: Any,
-    stage_name: str,
-    position: TrainPosition,
-    runtime: Any,
-    decision: Any,
-    history: list[dict[str, Any]],
-    reporter: StageReporter,
-    model_state: dict[str, torch.Tensor] | None = None,
-) -> str:
-    """Write this rank's part into a fresh local directory and hand it to the launcher (a collective)."""
-    if model_state is None and (context.rank == 0 or runtime.name == "deepspeed"):
-        model_state = runtime.full_state_dict()  # a collective under ZeRO-3; DDP ranks hold the same copy
-    name = checkpoint_name(position)
-    state = CheckpointState(
-        position=TrainPosition(**vars(position)),
-        stage_name=stage_name,
-        strategy=decision.name,
-        zero_stage=decision.zero_stage,
-        world_size=context.world_size,
-        history=list(history),
-    )
-    started, cpu_started = time.perf_counter(), time.thread_time()
-    with tempfile.TemporaryDirectory(prefix="robustfm-ckpt-") as tmp:
-        directory = Path(tmp) / name
-        write_checkpoint(
-            directory,
-            context.rank,
-            state,
-            model_state if context.rank == 0 else None,
-            None if position.stage_complete else runtime,
-        )
-        metrics = {"global_step": position.global_step, "stage": stage_name, **(reporter.last or {})}
-        context.report(metrics, directory, name)
-    reporter.exclude(time.perf_counter() - started, time.thread_time() - cpu_started)
-    if context.rank == 0 and context.progress == "log":
-        logger.info("checkpoint %s (stage %s, step %d)", name, stage_name, position.global_step)
-    return name

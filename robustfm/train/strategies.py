@@ -169,7 +169,30 @@ def weighted_total(losses: Mapping[str, torch.Tensor], weights: Mapping[str, flo
     return sum(w * losses[name].float() for name, w in active.items())
 
 
-class DDPRuntime:
+class StageRuntime:
+    """What both runtimes share: the bare task (``module``), the client optimizer over the stage's trainable
+    parameters and the device.
+
+    The learning rates live in the client optimizer's ``param_groups`` (ZeRO wrappers share those dicts), one group
+    per trainable parameter group, in the order :func:`build_optimizer` made them.
+    """
+
+    name: str
+
+    def __init__(self, task: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        self.module = task
+        self.optimizer = optimizer
+        self.device = device
+
+    def set_learning_rates(self, lrs: Sequence[float]) -> None:
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+
+    def _cpu_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+
+
+class DDPRuntime(StageRuntime):
     """DistributedDataParallel over the task (not wrapped with one worker: nothing to synchronise)."""
 
     name = "ddp"
@@ -177,9 +200,7 @@ class DDPRuntime:
     def __init__(
         self, task: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device, world_size: int
     ) -> None:
-        self.module = task
-        self.optimizer = optimizer
-        self.device = device
+        super().__init__(task, optimizer, device)
         self.grad_clip = cfg.grad_clip
         self.accum = cfg.grad_accum_steps
         self.precision = cfg.strategy.precision
@@ -191,10 +212,6 @@ class DDPRuntime:
             )
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
         self.trainable = [p for group in optimizer.param_groups for p in group["params"]]
-
-    def set_learning_rates(self, lrs: Sequence[float]) -> None:
-        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
 
     def micro_step(
         self, batch: Mapping[str, Any], loss_weights: Mapping[str, float], boundary: bool
@@ -233,7 +250,7 @@ class DDPRuntime:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The task's full state (CPU copies), identical on every rank."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+        return self._cpu_state()
 
     def save(self, directory: Path, rank: int) -> None:
         """Rank 0 writes the optimizer (and grad scaler) state; DDP keeps them identical on every rank."""
@@ -253,7 +270,7 @@ class DDPRuntime:
         self.model = self.module
 
 
-class DeepSpeedRuntime:
+class DeepSpeedRuntime(StageRuntime):
     """A DeepSpeed engine (ZeRO stage 0-3) over the task with the client optimizer."""
 
     name = "deepspeed"
@@ -263,9 +280,7 @@ class DeepSpeedRuntime:
     ) -> None:
         import deepspeed
 
-        self.module = task
-        self.optimizer = optimizer  # the base optimizer: ZeRO wrappers share its param_group dicts (lr lives there)
-        self.device = device
+        super().__init__(task, optimizer, device)
         self.zero_stage = zero_stage
         self.config = deepspeed_config(cfg, zero_stage)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -273,10 +288,6 @@ class DeepSpeedRuntime:
         )
         self.engine.checkpoint_engine = _weights_only_checkpoint_engine(self.engine)
         self.float_dtype = torch.float16 if cfg.strategy.precision == "fp16" else None
-
-    def set_learning_rates(self, lrs: Sequence[float]) -> None:
-        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
 
     def micro_step(
         self, batch: Mapping[str, Any], loss_weights: Mapping[str, float], boundary: bool
@@ -304,7 +315,7 @@ class DeepSpeedRuntime:
             else (contextlib.nullcontext())
         )
         with gather:
-            return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+            return self._cpu_state()
 
     def save(self, directory: Path, rank: int) -> None:
         """Every rank writes its ZeRO shards (collective: all ranks must call it)."""

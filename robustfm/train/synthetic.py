@@ -1,7 +1,8 @@
 """Tiny tasks and an in-memory batch source, for tests, benchmarks and checking the engine on a new machine.
 
-:class:`TinyGradientPenaltyTask` adds losses taken through a gradient (double backward): with it the capability
-table of :mod:`robustfm.train.capabilities` can be checked on a new strategy, device or library version.
+:class:`TinyGradientPenaltyTask` adds losses taken through a gradient (double backward) and :class:`TinyAttackTask` a
+loss at points an attack found inside ``forward`` (adversarial training): with them the capability table of
+:mod:`robustfm.train.capabilities` can be checked on a new strategy, device or library version.
 
 The source fixes the GLOBAL batch: each global batch is split evenly over the ranks, so one process and N processes
 see the same samples per optimizer step, and mean-reduced gradients must agree.
@@ -61,6 +62,9 @@ class TinyRegressionTask(nn.Module):
             losses = {name: loss + (k - 1) * (loss - loss.detach()) for name, loss in losses.items()}
         return losses
 
+    def after_optimizer_step(self) -> None:
+        """Nothing to do after a step."""
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"body": list(self.body.parameters()), "head": list(self.head.parameters())}
 
@@ -112,6 +116,55 @@ class TinyGradientPenaltyTask(TinyRegressionTask):
                 grads = torch.autograd.grad(mse, params, create_graph=True)
                 penalties.append(sum(g.float().pow(2).sum() for g in grads))
             losses["param_gradient"] = torch.stack(penalties).mean()
+        return losses
+
+
+class TinyAttackTask(TinyGradientPenaltyTask):
+    """:class:`TinyGradientPenaltyTask` plus ``adversarial``: the MSE at points that PGD (``robustfm.attacks.pgd``,
+    the attack FARE and TeCoA train with) found inside ``forward``, several forward/backward passes w.r.t. the input.
+
+    The attacked "pixels" are ``sigmoid(x)`` (in [0, 1], as the attacks require) and the network sees
+    ``6 * (pixels - 0.5)``; the attack maximizes the per-row squared error against ``y`` with random starts seeded
+    per row by the sample index, so a row gets the same attack in any batch and on any rank: one process on the
+    whole batch has the objective of N ranks on their shares.
+
+    Args:
+        attack_eps: Linf radius of the attack (the negative control makes it negligible).
+        **kwargs: passed to :class:`TinyGradientPenaltyTask`.
+    """
+
+    loss_names = ("mse", "l1", "input_gradient", "param_gradient", "adversarial")
+
+    def __init__(self, attack_eps: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.attack_eps = attack_eps
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        attack = {"in_task_attack"} if "adversarial" in self.active_losses else set()
+        return super().needs | attack
+
+    def on_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(6.0 * (pixels - 0.5)))
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        losses = super().forward(batch)
+        if "adversarial" in self.active_losses:
+            from robustfm.attacks import AttackConfig, pgd
+
+            config = AttackConfig(eps=self.attack_eps, steps=3, step_size=self.attack_eps / 2, objective="embedding_l2")
+            pixels = torch.sigmoid(batch["x"].float())
+            seeds = [int(i) for i in batch["index"]]
+            found = pgd(
+                self.on_pixels,
+                pixels,
+                {"target": batch["y"]},
+                config,
+                row_seeds=seeds,
+                eval_modules=self,
+                score_last=False,
+            )
+            losses["adversarial"] = F.mse_loss(self.on_pixels(found.x_adv).float(), batch["y"])
         return losses
 
 

@@ -64,6 +64,11 @@ class Task(Protocol):
         """Scalar losses by name for one batch (tensors already on the worker's device)."""
         ...
 
+    def after_optimizer_step(self) -> None:
+        """Called by the engine right after every optimizer step, on every rank (e.g. CLIP clamps its learned
+        temperature here, as open_clip does, so that the forward pass never clamps away its gradient)."""
+        ...
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Disjoint named groups of the task's parameters; stages train some groups and freeze the rest."""
         ...

@@ -17,6 +17,8 @@ from tests.recipes.conftest import run_job
         ("data.shards=/nonexistent/shards", "data.shards: no shards at '/nonexistent/shards'"),
         ("train.strategy.zero_stage=4", "train.strategy.zero_stage: must be 0, 1, 2 or 3"),
         ("model.name=timm/tiny-vit", "model.name: must be an open_clip model"),
+        # 16 images per step cannot be split into 3 workers' clean + corrupted pairs (the paper's batch is global)
+        ("train.num_workers=3", "data.global_batch_size: must be a positive multiple of 6"),
     ],
 )
 def test_bad_config_fails_before_ray_starts(override, message):
@@ -30,13 +32,13 @@ def test_bad_config_fails_before_ray_starts(override, message):
     ("override", "message"),
     [
         ("data.eval_split=test", "data.eval_split: no split 'test'"),
-        ("data.ood_split=val2017", "data.ood_split: no split 'val2017'"),
+        ("data.ood.caltech.split=val2017", "data.ood.caltech.split: no split 'val2017'"),
     ],
 )
 def test_a_split_the_shards_lack_fails_before_ray_starts(demo_shards, override, message):
     done = run_job(
         ["jobs/cgclip.py", "--config", "configs/cgclip/demo.yaml", f"data.shards={demo_shards}",
-         f"data.ood_shards={demo_shards}", override],
+         f"data.ood.caltech.shards={demo_shards}", override],
         timeout=120,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]

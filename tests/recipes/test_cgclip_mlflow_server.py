@@ -77,7 +77,7 @@ def test_cgclip_logs_parent_stage_and_milestone_runs_to_the_server(mlflow_server
             "tracking.experiment": "server-test",
             "eval.tsne": "false",
             "eval.suites": "[corruption_detection]",
-            "data.ood_shards": str(ood_shards),
+            "data.ood.caltech.shards": str(ood_shards),
         },
     )
     done = run_job(["jobs/cgclip.py", "--config", "configs/cgclip/demo.yaml", *overrides], timeout=360)
@@ -98,7 +98,7 @@ def test_cgclip_logs_parent_stage_and_milestone_runs_to_the_server(mlflow_server
     assert {"on-server-adapt/adapt", "milestone-pretrained", "milestone-adapt"} <= set(children), sorted(children)
     stage = children["on-server-adapt/adapt"]
     assert stage.data.tags["stage"] == "adapt" and "loss/total" in stage.data.metrics
-    ood_key = "ood/corruption_detection/zero_shot/set/seen/auroc"
+    ood_key = "ood/caltech/corruption_detection/zero_shot/set/seen/auroc"
     for milestone in ("milestone-pretrained", "milestone-adapt"):
         metrics = children[milestone].data.metrics
         assert any(k.startswith("corruption_detection/") for k in metrics), milestone
@@ -107,9 +107,9 @@ def test_cgclip_logs_parent_stage_and_milestone_runs_to_the_server(mlflow_server
         nested = {
             r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == children[milestone].info.run_id
         }
-        ood_run = nested["eval/ood/corruption_detection"]
+        ood_run = nested["eval/ood-caltech/corruption_detection"]
         assert any(str(ood_shards) in value for value in ood_run.data.params.values()), ood_run.data.params
         assert ood_run.data.metrics["counts/scored"] == 12
     assert any(k.startswith("adapt/corruption_detection/") for k in parent.data.metrics)
     assert f"adapt/{ood_key}" in parent.data.metrics
-    assert "ood/zero_shot/set/seen/auroc" in (tmp_path / "on-server" / "detection_table.md").read_text()
+    assert "ood/caltech/zero_shot/set/seen/auroc" in (tmp_path / "on-server" / "detection_table.md").read_text()

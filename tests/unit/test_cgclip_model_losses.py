@@ -113,3 +113,27 @@ def test_bce_is_stable_for_large_logits_and_checks_shapes():
     assert torch.isfinite(corruption_map_loss(logits, torch.tensor([[[[1.0, 0.0]]]])))
     with pytest.raises(ValueError, match="differ in shape"):
         corruption_map_loss(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 8, 8))
+
+
+def test_with_one_prompt_per_kind_eq2_and_multi_positive_agree_in_loss_and_gradients():
+    """CG-CLIP's batches pair every image with one of two captions: identical captions have identical logits, so
+    eq. 2 as written (the default) and multi-positive targets give the same loss and the same gradients."""
+    from robustfm.methods.cgclip import CGClipModel, CGClipTask
+    from robustfm.methods.cgclip_config import CGClipConfig
+    from robustfm.models import create_model
+
+    torch.manual_seed(0)
+    model = CGClipModel(create_model("open_clip/tiny-vit"), decoder_channels=(8, 4, 2))
+    batch = {"image": torch.rand(3, 3, 64, 64), "corrupted": torch.rand(3, 3, 64, 64)}
+    found = {}
+    for targets in ("clip", "multi_positive"):
+        task = CGClipTask(model, CGClipConfig(decoder_channels=(8, 4, 2), contrastive_targets=targets))
+        task.active_losses = frozenset({"contrastive"})
+        model.zero_grad()
+        loss = task(batch)["contrastive"]
+        loss.backward()
+        found[targets] = (loss.item(), [p.grad.clone() for p in model.clip.parameters() if p.grad is not None])
+    assert found["clip"][0] == pytest.approx(found["multi_positive"][0], rel=1e-6)
+    for a, b in zip(found["clip"][1], found["multi_positive"][1], strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+    assert CGClipConfig().contrastive_targets == "clip"  # eq. 2 as the paper writes it is the default

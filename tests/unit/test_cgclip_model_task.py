@@ -201,7 +201,21 @@ def test_temperature_fixed_or_trainable():
     fixed(tiny_batch())["contrastive"].backward()
     assert fixed.model.clip.logit_scale.grad is None
     assert fixed.model.clip.logit_scale.item() == pytest.approx(math.log(20.0), rel=1e-6)
-    assert tiny_task(logit_scale_init=500.0).logit_scale().item() == pytest.approx(100.0)  # CLIP's clamp
+
+
+def test_temperature_learns_from_the_openai_init_and_is_clamped_after_each_step():
+    """At OpenAI's init (1/tau = 100) exp(log 100) is 100.0000076 in float32: a clamp in the forward pass would pass
+    no gradient, freezing the temperature eq. 2 learns. The parameter is clamped after the step instead (open_clip)."""
+    task = tiny_task(logit_scale_init=100.0)
+    configure(task, "contrastive")
+    task(tiny_batch())["contrastive"].backward()
+    grad = task.model.clip.logit_scale.grad
+    assert grad is not None and grad.abs().item() > 0
+    with torch.no_grad():
+        task.model.clip.logit_scale.add_(0.5)  # a step that overshoots CLIP's bound
+    task.after_optimizer_step()
+    assert task.model.clip.logit_scale.item() == pytest.approx(math.log(100.0), abs=1e-6)
+    assert task.logit_scale().item() <= 100.0 + 1e-3
 
 
 @pytest.mark.parametrize(
@@ -214,6 +228,7 @@ def test_temperature_fixed_or_trainable():
         ({"corrupt_prompts": ["a clean photograph"]}, "corrupt_prompts"),
         ({"contrastive_targets": "multi-positive"}, "contrastive_targets"),
         ({"logit_scale_init": -1.0}, "logit_scale_init"),
+        ({"logit_scale_init": 500.0}, "logit_scale_init"),
     ],
 )
 def test_config_errors_name_the_field(data, field):
@@ -225,7 +240,7 @@ def test_config_errors_name_the_field(data, field):
 def test_config_defaults_follow_the_paper():
     cfg = from_dict(CGClipConfig, {"tap_blocks": [4, 8, 12]})
     assert cfg.decoder_channels == (384, 192, 96) and cfg.tap_blocks == (4, 8, 12)
-    assert cfg.contrastive_targets == "multi_positive"
+    assert cfg.contrastive_targets == "clip"  # eq. 2 as written
 
 
 def test_registry_builds_the_task():

@@ -112,11 +112,37 @@ def test_vgg_map_matches_eq1_computed_with_torchvision_feature_extraction(vgg, p
         a = extractor((clean - mean) / std)
         b = extractor((corrupted - mean) / std)
     per_layer = [
-        F.interpolate((a[k] - b[k]).abs().mean(1, keepdim=True), size=(40, 56), mode="bilinear") for k in nodes.values()
+        F.interpolate((a[k] - b[k]).abs().sum(1, keepdim=True), size=(40, 56), mode="bilinear") for k in nodes.values()
     ]
     expected = torch.stack(per_layer).mean(0)
     assert torch.allclose(vgg.raw(clean, corrupted), expected, rtol=1e-4, atol=1e-6)
     assert a["relu3_3"].shape[-2:] == (10, 14)  # taps before pooling: 40x56 / 4
+
+
+def test_eq1_on_two_layers_matches_a_hand_computation(pair):
+    """Eq. 1 by hand with plain convolutions: per layer the L1 distance is a SUM over channels (a channel mean would
+    weigh relu2_2's 128 channels twice as little as relu1_2's 64), upsampled, then the layers are averaged."""
+    clean, corrupted = pair
+    mapper = build_gt_mapper("vgg16_l1", weights=None, layers=(1, 2), scale=1.0)
+    convs = [m for m in mapper.features if isinstance(m, torch.nn.Conv2d)]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def relu_taps(images):
+        x = (images - mean) / std
+        x = F.relu(convs[1](F.relu(convs[0](x))))  # relu1_2
+        first = x
+        x = F.max_pool2d(x, 2)
+        x = F.relu(convs[3](F.relu(convs[2](x))))  # relu2_2
+        return first, x
+
+    with torch.no_grad():
+        (a1, a2), (b1, b2) = relu_taps(clean), relu_taps(corrupted)
+        size = tuple(clean.shape[-2:])
+        layer1 = F.interpolate((a1 - b1).abs().sum(1, keepdim=True), size=size, mode="bilinear")
+        layer2 = F.interpolate((a2 - b2).abs().sum(1, keepdim=True), size=size, mode="bilinear")
+    assert torch.allclose(mapper.raw(clean, corrupted), (layer1 + layer2) / 2, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(mapper.raw(clean, corrupted), (layer1 / 64 + layer2 / 128) / 2, rtol=1e-2)
 
 
 def test_vgg_layer_selection_truncates_the_network(pair):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 
 import pytest
 
+from robustfm.config.core import RegistrySections
 from robustfm.registry import Registry, UnknownNameError, did_you_mean, import_target
 
 
@@ -75,3 +77,57 @@ def test_lazy_placeholder_keeps_meta_when_module_registers_itself():
 
 def test_did_you_mean_is_empty_when_nothing_is_close():
     assert did_you_mean("xyz", ["gaussian_noise"]) == ""
+
+
+def test_discovery_imports_each_module_of_a_package_once_and_only_when_needed(tmp_path, monkeypatch):
+    package = tmp_path / "discovered_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from robustfm.registry import Registry\n"
+        "THINGS = Registry('thing', discover='discovered_pkg', discover_pattern='*_entry')\n"
+    )
+    (package / "alpha_entry.py").write_text("from discovered_pkg import THINGS\nTHINGS.register('alpha', 1, size=3)\n")
+    (package / "beta_entry.py").write_text("from discovered_pkg import THINGS\nTHINGS.register('beta', 2)\n")
+    (package / "helpers.py").write_text("raise RuntimeError('not an entry module: must not be imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    things = importlib.import_module("discovered_pkg").THINGS
+    assert "discovered_pkg.alpha_entry" not in sys.modules  # nothing imported until a name is needed
+    assert things.names() == ["alpha", "beta"]
+    assert things.get("alpha") == 1 and things.meta("alpha")["size"] == 3
+    with pytest.raises(UnknownNameError, match="did you mean 'beta'"):
+        things.get("betta")
+    things.unregister("beta")
+    assert "beta" not in things and len(things) == 1
+
+
+@dataclass(frozen=True)
+class _Small:
+    size: int = 1
+
+
+_WIDGETS: Registry = Registry("widget")
+_WIDGETS.register("small", object(), config=_Small)
+_WIDGETS.register_lazy("ray", "robustfm.config.schema:RayConfig", config="robustfm.config.schema:RayConfig")
+
+
+class _Widgets(RegistrySections):
+    registry = _WIDGETS
+
+
+@dataclass(frozen=True)
+class _Holder:
+    widgets: _Widgets = field(default_factory=_Widgets.build)
+
+
+def test_registry_sections_give_each_name_its_own_schema():
+    from robustfm.config import ConfigError, from_dict
+
+    built = from_dict(_Holder, {"widgets": {"small": {"size": 3}}})
+    assert built.widgets["small"] == _Small(3) and built.widgets["ray"].num_cpus is None  # defaults filled in
+    assert _Holder().widgets["small"] == _Small()
+    with pytest.raises(ConfigError, match=r"widgets\.smal: unknown widget 'smal'; did you mean 'small'"):
+        from_dict(_Holder, {"widgets": {"smal": {}}})
+    with pytest.raises(ConfigError, match=r"widgets\.small\.size: expected an integer"):
+        from_dict(_Holder, {"widgets": {"small": {"size": "big"}}})

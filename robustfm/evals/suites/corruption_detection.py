@@ -5,22 +5,24 @@ the L2-normalized image embeddings:
 
 - **zero-shot**: P(corrupt) is the softmax over the cosine logits (times the model's logit scale) of the mean
   "clean" and the mean "corrupt" prompt embeddings;
-- **linear probe**: scikit-learn ``LogisticRegression`` fitted on the embeddings of a train split of the images
-  (their clean versions and their corrupted versions under the ``probe_train_set`` corruptions), tested on the
-  other images, so no test image was seen in any form.
+- **linear probe** (:class:`robustfm.evals.probe.LinearProbe`, balanced classes): fitted on the embeddings of a
+  train split of the images (their clean versions and their corrupted versions under the ``probe_train_set``
+  corruptions) and tested on the other images, so no test image was seen in any form; or fitted on every image of
+  one data set and saved (``probe: fit``), then applied unchanged to another (``probe: load``: in domain -> out of
+  domain, as paper 000 measures transfer).
 
 Accuracy / AUROC / F1 are reported over all test rows, per corruption, per severity and per corruption set (seen
-vs unseen): each subset is the clean versions of the test images plus their corrupted versions in the subset.
-Per-corruption subsets are balanced (one clean and one corrupted version per image); ``all`` and the set subsets
-hold one clean against several corrupted versions per image, so their accuracy leans towards the corrupted class
-(AUROC does not).
+vs unseen): each subset is the clean versions of the test images plus their corrupted versions in the subset. The
+``all`` and set subsets hold one clean against several corrupted versions per image: the clean rows are re-weighted
+so both classes count alike (paper 000's accuracy, F1 and AUROC agree, i.e. balanced sets); per-corruption subsets
+are balanced by construction.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -51,8 +53,15 @@ class CorruptionDetectionConfig:
     """Zero-shot prompts of the "clean" class (their normalized text embeddings are averaged)."""
     corrupt_prompts: tuple[str, ...] = CORRUPT_PROMPTS
     """Zero-shot prompts of the "corrupt" class."""
+    probe: Literal["split", "fit", "load"] = "split"
+    """How the linear probe is obtained. ``split``: fitted on ``probe_train_fraction`` of these images (by a hash of
+    their id) and tested on the rest. ``fit``: fitted on every image here and saved to ``probe_path`` (no probe
+    metrics: a recipe fits it in domain once). ``load``: the probe saved at ``probe_path`` applied unchanged to every
+    image here (paper 000's out-of-domain protocol: the probe trained in domain, tested as it is)."""
+    probe_path: str | None = None
+    """Where ``fit`` saves and ``load`` reads the probe (``.npz``, on the machine that aggregates: the driver)."""
     probe_train_fraction: float = 0.5
-    """Images (by a hash of their id) whose clean and corrupted embeddings train the linear probe; the rest test."""
+    """``split``: images (by a hash of their id) whose clean and corrupted embeddings train the probe."""
     probe_train_set: str = "seen"
     """Which corruptions the probe sees in training: a ``CORRUPTION_SETS`` name or ``all`` (tests use every one)."""
     probe_c: float = 1.0
@@ -70,12 +79,17 @@ class CorruptionDetectionConfig:
         check(len(self.clean_prompts) > 0, "clean_prompts", self.clean_prompts, "must not be empty")
         check(len(self.corrupt_prompts) > 0, "corrupt_prompts", self.corrupt_prompts, "must not be empty")
         check(0 < self.probe_train_fraction < 1, "probe_train_fraction", self.probe_train_fraction, "must be in (0, 1)")
+        check(
+            self.probe == "split" or self.probe_path is not None,
+            "probe_path",
+            self.probe_path,
+            f"must name a .npz file when probe is {self.probe!r}",
+        )
         check(self.probe_c > 0, "probe_c", self.probe_c, "must be positive")
         check(0 < self.threshold < 1, "threshold", self.threshold, "must be in (0, 1)")
 
 
 CLEAN = "clean"
-_DETECTORS = ("zero_shot", "probe")
 
 
 def drawn_severity(sample_id: str, corruption: str, severities: list[int], seed: int) -> int:
@@ -155,13 +169,17 @@ class CorruptionDetectionScorer(ScoringActor):
 @SUITES.register("corruption_detection", config=CorruptionDetectionConfig)
 class CorruptionDetectionSuite(Suite):
     name = "corruption_detection"
-    version = "1"
+    version = "2"
     scorer = CorruptionDetectionScorer
     sort_keys = ("id", "corruption")
     metric_specs = (
-        MetricSpec("accuracy", "higher", "share of clean/corrupted test embeddings classified right at P > threshold"),
+        MetricSpec(
+            "accuracy",
+            "higher",
+            "balanced accuracy at P > threshold: clean rows weighted to count as much as corrupted ones",
+        ),
         MetricSpec("auroc", "higher", "area under the ROC curve of P(corrupt), clean = 0, corrupted = 1 (sklearn)"),
-        MetricSpec("f1", "higher", "F1 of the 'corrupted' class at P > threshold (sklearn f1_score)"),
+        MetricSpec("f1", "higher", "F1 of the 'corrupted' class at P > threshold, clean rows re-weighted as above"),
     )
 
     def scorer_params(self, dataset: Any) -> dict[str, Any]:
@@ -188,27 +206,39 @@ class CorruptionDetectionSuite(Suite):
         }
 
     def aggregate(self, rows: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> SuiteOutput:
-        from sklearn.linear_model import LogisticRegression
+        from robustfm.evals.probe import LinearProbe
 
         ids = np.asarray(rows["id"]).astype(str)
         corruption = np.asarray(rows["corruption"]).astype(str)
         severity = np.asarray(rows["severity"])
         labels = (corruption != CLEAN).astype(np.int64)
-        train = np.array([in_probe_train_split(i, self.section.probe_train_fraction, self.cfg.seed) for i in ids])
-        fit_rows = train & ((corruption == CLEAN) | np.isin(corruption, params["probe_train_corruptions"]))
-        if len(np.unique(labels[fit_rows])) < 2 or not (~train).any():
-            raise ValueError(
-                f"corruption_detection: {len(np.unique(ids))} images are too few to split into probe "
-                "train and test sets with both classes; use more samples"
-            )
         embeddings = np.asarray(rows["embedding"], dtype=np.float64)
-        probe = LogisticRegression(C=self.section.probe_c, max_iter=2000)
-        probe.fit(embeddings[fit_rows], labels[fit_rows])
-        scores = {
-            "zero_shot": np.asarray(rows["p_corrupt"], dtype=np.float64),
-            "probe": probe.predict_proba(embeddings)[:, 1],
-        }
+        section = self.section
+        if section.probe == "split":
+            train = np.array([in_probe_train_split(i, section.probe_train_fraction, self.cfg.seed) for i in ids])
+        else:
+            train = np.zeros(len(ids), dtype=bool)  # fit: training-set numbers are not test numbers; load: all test
+        fit_rows = (train if section.probe == "split" else np.ones(len(ids), dtype=bool)) & (
+            (corruption == CLEAN) | np.isin(corruption, params["probe_train_corruptions"])
+        )
+        scores = {"zero_shot": np.asarray(rows["p_corrupt"], dtype=np.float64)}
+        if section.probe == "load":
+            scores["probe"] = LinearProbe.load(section.probe_path, embeddings.shape[1]).predict(embeddings)
+        else:
+            if len(np.unique(labels[fit_rows])) < 2 or (section.probe == "split" and not (~train).any()):
+                raise ValueError(
+                    f"corruption_detection: {len(np.unique(ids))} images are too few to split into probe "
+                    "train and test sets with both classes; use more samples"
+                )
+            probe = LinearProbe.fit(embeddings[fit_rows], labels[fit_rows], section.probe_c)
+            if section.probe == "fit":
+                probe.save(section.probe_path)
+            else:
+                scores["probe"] = probe.predict(embeddings)
 
+        # Every subset is the test images' clean versions plus their corrupted versions in the subset; the clean
+        # rows are re-weighted to count as much as the corrupted ones (balanced accuracy and F1; a detector that
+        # calls everything corrupted scores 0.5 on the 1:9 seen and unseen sets, not 0.9).
         test_clean = ~train & (corruption == CLEAN)
         subsets: dict[str, np.ndarray] = {"all": ~train}
         subsets.update(
@@ -228,9 +258,9 @@ class CorruptionDetectionSuite(Suite):
         )
 
         metrics, table = MetricTable(), []
-        for detector in _DETECTORS:
+        for detector, detector_scores in scores.items():
             for subset, mask in subsets.items():
-                values = detection_metrics(labels[mask], scores[detector][mask], self.section.threshold)
+                values = detection_metrics(labels[mask], detector_scores[mask], section.threshold, balanced=True)
                 for family, value in values.items():
                     metrics.add(f"{detector}/{subset}/{family}", value, self.spec(family))
                 table.append({"detector": detector, "subset": subset, "n_rows": int(mask.sum()), **values})
@@ -240,7 +270,7 @@ class CorruptionDetectionSuite(Suite):
         plots = []
         for prefix, title in (("corruption/", "per corruption"), ("severity/", "per severity")):
             series = {}
-            for detector in _DETECTORS:
+            for detector in sorted({r["detector"] for r in table}):
                 chosen = [r for r in table if r["detector"] == detector and r["subset"].startswith(prefix)]
                 series[detector] = ([r["subset"][len(prefix) :] for r in chosen], [r["auroc"] for r in chosen])
             kind = "bar" if prefix == "corruption/" else "line"

@@ -1,15 +1,19 @@
-"""Zero-shot classification with class-name prompts: top-1 / top-5, clean and under each corruption and perturbation.
+"""Zero-shot classification with class-name prompts: top-1 / top-5, clean, under each corruption and perturbation, and
+robust accuracy under attacks.
 
 A class's text embedding is the renormalized mean of its normalized template embeddings (CLIP's prompt ensemble).
 Conditions: ``clean``; ``<corruption>:<severity>`` for each corruption and severity (per-sample seeded draws);
-``<perturbation>:<value>`` for each value of ``robustfm.perturbations.sweep(name, perturbation_steps)``.
+``<perturbation>:<value>`` for each value of ``robustfm.perturbations.sweep(name, perturbation_steps)``; with
+``attacks``, ``apgd_ce_<norm>:<eps>``, ``apgd_t_<norm>:<eps>`` and ``attacks_<norm>:<eps>`` (robust to all of them)
+on a fixed hashed subset of the images (:mod:`robustfm.evals.zero_shot_attacks`; logits scaled by the model's logit
+scale). Version 2 added the attack conditions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -19,6 +23,7 @@ from robustfm.evals.actors import FieldSpec, ScoringActor
 from robustfm.evals.config import EvalDataConfig
 from robustfm.evals.metrics import MetricSpec, MetricTable, mean_of, topk_correct
 from robustfm.evals.suite import Plot, Suite, SuiteOutput, condition_name, resolve_names
+from robustfm.evals.zero_shot_attacks import ALL_ATTACKS, ATTACKS, attack_rows, attack_subset, condition
 from robustfm.seeding import sample_seed
 
 # A short subset of CLIP's ImageNet templates; ``{}`` is the class name.
@@ -41,6 +46,23 @@ class ZeroShotConfig:
     """Perturbations to evaluate under (None: every registered one; empty: none)."""
     perturbation_steps: int = 3
     """Equally spaced values per perturbation (``robustfm.perturbations.sweep``); each value is a condition."""
+    attacks: tuple[str, ...] = ()
+    """Attack conditions (``apgd_ce``, ``apgd_t``), each at every ``attack_eps``, plus ``attacks_<norm>:<eps>``:
+    robust to all of them (auto-attack's custom ensemble, as RobustVLM evaluates). Empty: no attack, and the suite
+    runs without gradients. An image is robust when classified right clean and never flipped."""
+    attack_norm: Literal["linf", "l2"] = "linf"
+    """Threat model of every attack condition."""
+    attack_eps: tuple[float, ...] = (4 / 255,)
+    """Radii in [0,1] pixel units (paper 003: Linf 2/255 = 0.00784 and 4/255 = 0.0157); each is a condition."""
+    attack_steps: int = 100
+    """APGD iterations per restart (and per target class of ``apgd_t``)."""
+    attack_restarts: int = 1
+    """Restarts of ``apgd_ce`` (paper 003: 1; auto-attack's own APGD-CE: 5)."""
+    attack_target_classes: int = 9
+    """``apgd_t``: the runner-up classes attacked as targets, one APGD run each (auto-attack: 9)."""
+    attack_samples: int | None = 1000
+    """Images attacked: the first N labelled ones ordered by a hash of their id (a fixed subset whatever the seed;
+    RobustVLM's CLIP_benchmark attacks 1,000). None: all. The protocol records its size and the SHA-256 of its ids."""
 
     def __post_init__(self) -> None:
         check(
@@ -51,6 +73,25 @@ class ZeroShotConfig:
         )
         check(all(1 <= s <= 5 for s in self.severities), "severities", self.severities, "must be in 1..5")
         check(self.perturbation_steps >= 1, "perturbation_steps", self.perturbation_steps, "must be >= 1")
+        unknown = [a for a in self.attacks if a not in ATTACKS]
+        check(not unknown, "attacks", self.attacks, f"must be among {ATTACKS}")
+        check(len(set(self.attacks)) == len(self.attacks), "attacks", self.attacks, "must not repeat an attack")
+        check(self.attack_norm in ("linf", "l2"), "attack_norm", self.attack_norm, "must be linf or l2")
+        check(
+            len(self.attack_eps) > 0 and all(e > 0 for e in self.attack_eps),
+            "attack_eps",
+            self.attack_eps,
+            "must be a non-empty list of radii > 0",
+        )
+        check(self.attack_steps >= 1, "attack_steps", self.attack_steps, "must be >= 1")
+        check(self.attack_restarts >= 1, "attack_restarts", self.attack_restarts, "must be >= 1")
+        check(self.attack_target_classes >= 1, "attack_target_classes", self.attack_target_classes, "must be >= 1")
+        check(
+            self.attack_samples is None or self.attack_samples >= 1,
+            "attack_samples",
+            self.attack_samples,
+            "must be >= 1 or null (all)",
+        )
 
 
 CLEAN = "clean"
@@ -74,6 +115,9 @@ class ZeroShotScorer(ScoringActor):
             "condition": (object, ()),
             "label": (np.int64, ()),
             "logits": (np.float32, (len(self.params["class_names"]),)),
+            "robust": (np.int8, ()),
+            "attack_failed": (np.int8, ()),
+            "zero_gradient": (np.int8, ()),
         }
 
     def score(self, batch: Mapping[str, np.ndarray], pixels: Any) -> list[dict[str, Any]]:
@@ -109,10 +153,30 @@ class ZeroShotScorer(ScoringActor):
         ]
 
 
+class ZeroShotAttackScorer(ZeroShotScorer):
+    """:class:`ZeroShotScorer` plus the attack conditions: runs with autograd (model frozen, fp32 unless the pool asks
+    for bf16); the clean and edited conditions stay gradient-free."""
+
+    needs_gradients = True
+
+    def score(self, batch: Mapping[str, np.ndarray], pixels: Any) -> list[dict[str, Any]]:
+        import torch
+
+        with torch.no_grad():
+            rows = super().score(batch, pixels)
+        index_of = {label: index for index, label in enumerate(self.params["class_labels"])}
+        labels = [index_of.get(int(label), -1) for label in batch["label"]]
+        ids = [str(i) for i in batch["id"]]
+        scored = attack_rows(
+            self.model, self.class_embeddings, pixels, ids, labels, self.params, self.seed, self.gradient_precision
+        )
+        return rows + scored
+
+
 @SUITES.register("zero_shot", config=ZeroShotConfig)
 class ZeroShotSuite(Suite):
     name = "zero_shot"
-    version = "1"
+    version = "2"
     scorer = ZeroShotScorer
     columns = ("label", "class_name")
     sort_keys = ("id", "condition")
@@ -120,7 +184,20 @@ class ZeroShotSuite(Suite):
         MetricSpec("top1", "higher", "share of images whose true class has the highest cosine logit"),
         MetricSpec("top5", "higher", "share of images whose true class is among the 5 highest cosine logits"),
         MetricSpec("top1_drop", "lower", "clean top-1 minus top-1 under the condition(s)"),
+        MetricSpec(
+            "robust_top1",
+            "higher",
+            "share of the attacked images classified right clean and at every iterate of the attack(s) (logits "
+            "scaled by the model's logit scale; a row with a non-finite loss or gradient counts as not robust)",
+        ),
+        MetricSpec("failed", "lower", "share of the attacked images whose loss or gradient was not finite"),
+        MetricSpec("zero_gradient", "lower", "share of the attacked images that met an all-zero input gradient"),
     )
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        if self.section.attacks:
+            self.scorer = ZeroShotAttackScorer  # gradients only when something is attacked
 
     def scorer_params(self, dataset: Any) -> dict[str, Any]:
         from robustfm.corruptions import CORRUPTION_SETS, CORRUPTIONS
@@ -135,6 +212,14 @@ class ZeroShotSuite(Suite):
         )
         steps = self.section.perturbation_steps
         classes = class_names_by_label(dataset)
+        section = self.section
+        attacked: list[str] = []
+        if section.attacks:
+            if "apgd_t" in section.attacks and len(classes) < 4:
+                raise ValueError(f"zero_shot: apgd_t's DLR loss needs >= 4 classes, the data has {len(classes)}")
+            table = dataset.select_columns(["id", "label"]).to_pandas()
+            known = table["label"].isin(list(classes))
+            attacked = attack_subset(table["id"].astype(str), table["label"].where(known, -1), section.attack_samples)
         return {
             "class_names": list(classes.values()),
             "class_labels": list(classes),
@@ -143,7 +228,23 @@ class ZeroShotSuite(Suite):
             "severities": list(self.section.severities),
             # One step evaluates the strongest end (``low``: lowest JPEG quality, ...) only when it is not identity.
             "perturbations": {p: (sweep(p, steps) if steps >= 2 else [_strongest(p)]) for p in perturbations},
+            "attacks": list(section.attacks),
+            "attack_norm": section.attack_norm,
+            "attack_eps": [float(e) for e in section.attack_eps],
+            "attack_steps": section.attack_steps,
+            "attack_restarts": section.attack_restarts,
+            "attack_target_classes": section.attack_target_classes,
+            "attack_ids": attacked,
         }
+
+    def protocol_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The base record, with the attacked subset as its size and the SHA-256 of its ids (not the ids)."""
+        from robustfm.evals.data import ids_hash
+
+        ids = params.get("attack_ids", [])
+        shortened = {k: v for k, v in params.items() if k != "attack_ids"}
+        shortened["attack_subset"] = {"num_samples": len(ids), "sample_ids_sha256": ids_hash(ids) if ids else None}
+        return super().protocol_params(shortened)
 
     def aggregate(self, rows: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> SuiteOutput:
         condition = np.asarray(rows["condition"]).astype(str)
@@ -161,6 +262,8 @@ class ZeroShotSuite(Suite):
             metrics.add(f"{name}/top5", accuracy5, self.spec("top5"))
             table.append({"condition": name, "n_images": int(mask.sum()), "top1": accuracy1, "top5": accuracy5})
         clean = top1[CLEAN]
+        if params.get("attacks"):
+            self._attack_metrics(condition, labels, logits, rows, params, metrics, table)
         corrupted = [condition_name(c, s) for c in params["corruptions"] for s in params["severities"]]
         perturbed = [condition_name(p, v) for p, values in params["perturbations"].items() for v in values]
         if corrupted:
@@ -170,6 +273,32 @@ class ZeroShotSuite(Suite):
                 "perturbations/top1_drop", clean - mean_of([top1[c] for c in perturbed]), self.spec("top1_drop")
             )
         return SuiteOutput(metrics, table, self._plots(top1, params))
+
+    def _attack_metrics(
+        self,
+        names: np.ndarray,
+        labels: np.ndarray,
+        logits: np.ndarray,
+        rows: Mapping[str, np.ndarray],
+        params: Mapping[str, Any],
+        metrics: MetricTable,
+        table: list[dict[str, Any]],
+    ) -> None:
+        """Robust top-1 (and failed / zero-gradient shares) per attack condition, and clean top-1 on the subset."""
+        ids = np.asarray(rows["id"]).astype(str)
+        subset = (names == CLEAN) & np.isin(ids, list(params["attack_ids"])) & (labels >= 0)
+        clean_subset = float(topk_correct(logits[subset], labels[subset], 1).mean()) if subset.any() else float("nan")
+        metrics.add("attack_subset/top1", clean_subset, self.spec("top1"))
+        table.append({"condition": "attack_subset (clean)", "n_images": int(subset.sum()), "top1": clean_subset})
+        for name in _attack_conditions(params):
+            mask = names == name
+            robust = float(np.asarray(rows["robust"])[mask].mean()) if mask.any() else float("nan")
+            failed = float(np.asarray(rows["attack_failed"])[mask].mean()) if mask.any() else float("nan")
+            zero = float(np.asarray(rows["zero_gradient"])[mask].mean()) if mask.any() else float("nan")
+            metrics.add(f"{name}/robust_top1", robust, self.spec("robust_top1"))
+            metrics.add(f"{name}/failed", failed, self.spec("failed"))
+            metrics.add(f"{name}/zero_gradient", zero, self.spec("zero_gradient"))
+            table.append({"condition": name, "n_images": int(mask.sum()), "robust_top1": robust, "failed": failed})
 
     def _plots(self, top1: Mapping[str, float], params: Mapping[str, Any]) -> list[Plot]:
         plots = []
@@ -197,6 +326,11 @@ class ZeroShotSuite(Suite):
                     )
                 )
         return plots
+
+
+def _attack_conditions(params: Mapping[str, Any]) -> list[str]:
+    norm = params["attack_norm"]
+    return [condition(a, norm, eps) for eps in params["attack_eps"] for a in [*params["attacks"], ALL_ATTACKS]]
 
 
 def _ordered_conditions(params: Mapping[str, Any]) -> list[str]:

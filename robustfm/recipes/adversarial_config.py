@@ -1,0 +1,105 @@
+"""What the FARE and TeCoA recipe configs share: the data section, the milestone suites and the checks that must fail
+before Ray starts (a stage that trains the text tower, a strategy that cannot run an attack inside the task, a
+report without an attack condition). Importing this module imports no ray or open_clip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from robustfm.config import check, replace_path
+from robustfm.config.core import ConfigError
+from robustfm.recipes.kit_config import MilestoneEvalConfig, RecipeConfig
+
+
+@dataclass(frozen=True)
+class AdversarialDataConfig:
+    """Training and validation images of adversarial fine-tuning."""
+
+    shards: str | None = None
+    """Shard directory (local or ``s3://``) written by ``jobs/prepare_data.py``. None: the demo data set is built
+    under ``output_dir/<name>/demo_data`` and used."""
+    train_split: str = "train"
+    """Split the model trains on (minus the held-out validation part)."""
+    holdout_fraction: float = 0.01
+    """Share of ``train_split`` held out (every ``round(1/fraction)``-th image) as a sweep's validation set."""
+    eval_split: str = "val"
+    """Split the milestone suites evaluate on (never trained on)."""
+    image_size: int = 224
+    """Side of the square input (RobustVLM: 224 for every backbone; ConvNeXt-B runs at 224 too, paper 003 App. A)."""
+    batch_size: int = 128
+    """Images per worker batch (RobustVLM: 128 in total)."""
+    augment: bool = False
+    """False: resize the shorter side + centre crop, as RobustVLM trains (no augmentation). True: robustfm's seeded
+    random-resized crop + flip."""
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    """Area range of the random-resized crops when ``augment``."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint when not AWS (only the URL; credentials come from the environment)."""
+
+    def __post_init__(self) -> None:
+        check(0 <= self.holdout_fraction < 0.5, "holdout_fraction", self.holdout_fraction, "must be in [0, 0.5)")
+        check(self.image_size >= 16, "image_size", self.image_size, "must be >= 16")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        low, high = self.crop_scale
+        check(0 < low <= high <= 1, "crop_scale", self.crop_scale, "must satisfy 0 < low <= high <= 1")
+
+
+def adversarial_milestones() -> MilestoneEvalConfig:
+    """Zero-shot accuracy clean and under APGD (the headline) and embedding robustness, at every milestone."""
+    return MilestoneEvalConfig(suites=("zero_shot", "embedding_robustness"), tsne=False)
+
+
+@dataclass(frozen=True)
+class AdversarialRecipeConfig(RecipeConfig):
+    """The checks of an adversarial fine-tuning recipe; subclasses add ``method`` (an
+    :class:`~robustfm.methods.adversarial_config.AdversarialFTConfig`) and ``data``."""
+
+    curriculum: tuple[str, ...] = ("finetune",)
+    eval: MilestoneEvalConfig = field(default_factory=adversarial_milestones)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check("zero_shot" in self.eval.suites, "eval.suites", self.eval.suites, "must include zero_shot (the report)")
+        zero_shot = self.eval.settings.suites["zero_shot"]
+        check(
+            len(zero_shot.attacks) > 0,
+            "eval.settings.suites.zero_shot.attacks",
+            zero_shot.attacks,
+            "must name an attack (apgd_ce): robust zero-shot accuracy is what the method improves",
+        )
+        needs: set[str] = set()
+        for name in self.curriculum:
+            stage = self.train.stages[name]
+            check(
+                tuple(stage.trainable) == ("image_encoder",),
+                f"train.stages.{name}.trainable",
+                stage.trainable,
+                "must be [image_encoder]: the text tower and the temperature stay as they are (the zero-shot "
+                "classifier, and TeCoA's targets)",
+            )
+            method = self.method
+            for key, value in stage.settings.items():
+                try:
+                    method = replace_path(method, key, value)
+                except ConfigError as err:
+                    raise ConfigError(f"train.stages.{name}.settings.{key}", err.message) from None
+            needs |= set(method.needs)
+        from robustfm.train.capabilities import check_capabilities  # light: no torch
+
+        check_capabilities(self.train, needs, prefix="train")
+
+    def headline(self) -> str:
+        """The milestone metric the method improves: robust zero-shot top-1 under every attack, at the evaluated
+        radius nearest to the training attack's."""
+        from robustfm.evals.zero_shot_attacks import ALL_ATTACKS, condition
+
+        zero_shot = self.eval.settings.suites["zero_shot"]
+        eps = min(zero_shot.attack_eps, key=lambda e: abs(e - self.method.attack.eps))
+        return f"zero_shot/{condition(ALL_ATTACKS, zero_shot.attack_norm, eps)}/robust_top1"
+
+
+def replace_data(cfg: AdversarialRecipeConfig, **changes: object) -> AdversarialRecipeConfig:
+    """``cfg`` with fields of its data section replaced."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes))
