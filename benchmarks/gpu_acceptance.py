@@ -63,10 +63,13 @@ print(json.dumps(out))
 """
 
 
-def item_environment() -> dict[str, str]:
+def item_environment(dry_run: bool = False) -> dict[str, str]:
     """The items' environment: this repository and benchmarks/ importable (also in Ray workers, which inherit it),
-    no model hub, no usage stats, unbuffered output."""
+    no model hub, no usage stats, unbuffered output; in the dry run one thread per process (as in Ray's workers: on
+    a small shared CPU, threads of several processes spinning against each other slow everything down)."""
     env = dict(os.environ)
+    if dry_run:
+        env["OMP_NUM_THREADS"] = "1"
     paths = [str(BENCHMARKS), str(REPO), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -100,6 +103,8 @@ def run_item(name: str, profile: str, workdir: Path, timeout: float, env: dict[s
     """Run one item in its own process group; a timeout ends the whole group (its Ray processes too)."""
     result_file = workdir / "results" / f"{name}.json"
     log_file = workdir / "logs" / f"{name}.log"
+    # A fresh scratch folder: a training run left there by an earlier check would be resumed, not run.
+    shutil.rmtree(workdir / name, ignore_errors=True)
     for path in (result_file, log_file):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
@@ -182,8 +187,8 @@ def markdown(report: dict[str, Any]) -> str:
         for title, rows in (result.get("tables") or {}).items():
             if rows:
                 lines += ["", f"{title}:", "", *_table(rows)]
-        for note in result.get("notes") or []:
-            lines += ["", f"- {note}"]
+        notes = result.get("notes") or []
+        lines += [""] * bool(notes) + [f"- {note}" for note in notes]
         if result["status"] != "ok":
             lines += ["", "```", str(result.get("error", "")).strip()[-3000:], "```"]
     return "\n".join(lines) + "\n"
@@ -191,9 +196,11 @@ def markdown(report: dict[str, Any]) -> str:
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     keys = list(rows[0])
-    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    out += ["| " + " | ".join(str(row.get(k, "")).replace("|", "/") for k in keys) + " |" for row in rows]
-    return out
+
+    def cells(values: list[Any]) -> str:
+        return "| " + " | ".join(str(value).replace("|", "/") for value in values) + " |"
+
+    return [cells(keys), "|" + "---|" * len(keys), *(cells([row.get(k, "") for k in keys]) for row in rows)]
 
 
 def write_outputs(output_dir: Path, report: dict[str, Any], workdir: Path) -> None:
@@ -210,15 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output_dir", type=Path, help="where gpu_acceptance.{json,md,log} go (e.g. $OUT)")
     parser.add_argument("--dry-run", action="store_true", help="every item on CPU with tiny sizes")
     parser.add_argument("--only", nargs="+", choices=list(ITEMS), metavar="ITEM", help=f"among {', '.join(ITEMS)}")
-    parser.add_argument("--budget-s", type=float, default=None, help="whole run (default 450 on GPU, 900 dry)")
+    parser.add_argument("--budget-s", type=float, default=None, help="whole run (default 480 on GPU, 2400 dry)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch space (default: a temp dir, removed)")
     args = parser.parse_args(argv)
     profile = "dry" if args.dry_run else "gpu"
-    budget = args.budget_s or (900.0 if args.dry_run else 450.0)
+    budget = args.budget_s or (2400.0 if args.dry_run else 480.0)
     names = [name for name in ITEMS if not args.only or name in args.only]
     args.output_dir.mkdir(parents=True, exist_ok=True)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gpu-acceptance-"))
-    env = item_environment()
+    env = item_environment(args.dry_run)
     environment = probe_environment(env)
     if profile == "gpu" and not environment.get("cuda_available"):
         print(f"no CUDA device here ({environment}); use --dry-run on a CPU machine", file=sys.stderr)

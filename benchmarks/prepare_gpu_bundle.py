@@ -11,11 +11,12 @@ packages at the versions ``constraints.txt`` pins, cp312 or pure; a pure package
 is built into a wheel here), DeepSpeed's source archive (built on the machine itself with ``DS_BUILD_OPS=0``, so that
 it records that machine's torch, CUDA and accelerator) and ``install.sh``.
 
-Checks: (1) every requirement of every bundled package (and Ray's train/tune/data extras) is bundled at a version
-that satisfies it, or is a package the GPU image has (:data:`IMAGE_PACKAGES`, as read there); (2) importing what the
-acceptance check imports works when only those packages are visible (a ``sitecustomize`` that hides every other
-installed distribution, in this machine's environment); (3) the working tree that travels plus ``.gpu/`` stays under
-the device tool's 64 MiB. ``--simulate`` runs the whole ``--dry-run`` under the same hiding.
+Checks: (0) Ray's native programs are in the archive and executable; (1) every requirement of every bundled package
+(and Ray's train/tune/data extras) is bundled at a version that satisfies it, or is a package the GPU image has
+(:data:`IMAGE_PACKAGES`, as read there); (2) importing what the acceptance check imports works when only those
+packages are visible (a ``sitecustomize`` that hides every other installed distribution, in this machine's
+environment); (3) the working tree that travels plus ``.gpu/`` stays under the device tool's 64 MiB. ``--simulate``
+runs the whole ``--dry-run`` under the same hiding.
 """
 
 from __future__ import annotations
@@ -58,8 +59,14 @@ IMAGE_PACKAGES = frozenset(
     torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope triton typer typing-extensions
     typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp""".split()
 )
-# The same library under another distribution name here (the image has the headless OpenCV build).
-SAME_AS = {"opencv-python": "opencv-python-headless"}
+# Distributions here that stand for one the image has: the image has the headless OpenCV build, and its older
+# huggingface-hub uses httpx where this machine's newer one uses the renamed httpx2 and adds truststore.
+SAME_AS = {
+    "opencv-python": "opencv-python-headless",
+    "httpx2": "httpx",
+    "httpcore2": "httpcore",
+    "truststore": "huggingface-hub",
+}
 # What the image lacks and the check needs (the versions come from constraints.txt).
 BUNDLED = (
     "open_clip_torch ftfy wcwidth pydantic pydantic_core annotated-types typing-inspection hjson jsonschema "
@@ -165,13 +172,13 @@ def download_ray(out: Path, version: str) -> None:
     """The cp312 Ray wheel, unpacked without ray/jars, as ray.tar.xz (skipped when that version is there)."""
     marker = out / "ray.version"
     if (out / "ray.tar.xz").is_file() and marker.is_file() and marker.read_text().strip() == version:
-        return
+        if not check_ray_archive(out):
+            return
     with tempfile.TemporaryDirectory() as tmp:
         pip("download", "-q", "--no-deps", "--only-binary=:all:", *PLATFORM, "-d", tmp, f"ray=={version}")
         wheel = next(Path(tmp).glob("ray-*.whl"))
         unpacked = Path(tmp) / "unpacked"
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extractall(unpacked)
+        extract_with_modes(wheel, unpacked)
         shutil.rmtree(unpacked / "ray" / "jars", ignore_errors=True)
         print("compressing Ray (xz, a minute or two)", flush=True)
         with open(out / "ray.tar.xz", "wb") as target:
@@ -180,6 +187,28 @@ def download_ray(out: Path, version: str) -> None:
             if tar.wait() != 0:
                 raise SystemExit("tar of the Ray wheel failed")
     marker.write_text(version)
+
+
+def extract_with_modes(wheel: Path, target: Path) -> None:
+    """Unzip keeping each member's Unix permissions (zipfile drops them: Ray's gcs_server and raylet binaries would
+    arrive without their executable bit and Ray could not start)."""
+    with zipfile.ZipFile(wheel) as archive:
+        for info in archive.infolist():
+            path = Path(archive.extract(info, target))
+            mode = (info.external_attr >> 16) & 0o777
+            if mode and not info.is_dir():
+                path.chmod(mode)
+
+
+def check_ray_archive(out: Path) -> list[str]:
+    """Ray's native programs must be in the archive and executable."""
+    listing = subprocess.run(["tar", "tvJf", str(out / "ray.tar.xz")], capture_output=True, text=True, check=True)
+    problems = []
+    for program in ("ray/core/src/ray/gcs/gcs_server", "ray/core/src/ray/raylet/raylet"):
+        line = next((row for row in listing.stdout.splitlines() if row.endswith(f"./{program}")), None)
+        if line is None or "x" not in line.split()[0]:
+            problems.append(f"ray.tar.xz: {program} is missing or not executable ({line})")
+    return problems
 
 
 def download_deepspeed(out: Path, version: str) -> None:
@@ -313,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     download_deepspeed(out, versions["deepspeed"])
     (out / "install.sh").write_text(INSTALL_SH)
     (out / "install.sh").chmod(0o755)
-    problems = check_closure(out, versions)
+    problems = check_closure(out, versions) + check_ray_archive(out)
     for problem in problems:
         print(f"MISSING on the GPU machine: {problem}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -58,7 +58,14 @@ def bare_loop_ms(
 
 
 def engine_ms(
-    strategy: str, task_kwargs: dict, source: SyntheticBatchSource, steps: int, lr: float, seed: int, storage: str
+    strategy: str,
+    task_kwargs: dict,
+    source: SyntheticBatchSource,
+    steps: int,
+    lr: float,
+    seed: int,
+    storage: str,
+    run_name: str,
 ) -> tuple[float, float]:
     """Best 10-step windows of the engine's own step-time metrics, wall and CPU (Ray Train, 1 worker of 1 CPU)."""
     import functools
@@ -86,7 +93,8 @@ def engine_ms(
             },
         },
     )
-    result = fit(cfg, functools.partial(build_tiny_task, **task_kwargs), source, run_name=f"overhead-{strategy}")
+    # A run name of its own: a second fit under a finished run's name would resume it (and train nothing).
+    result = fit(cfg, functools.partial(build_tiny_task, **task_kwargs), source, run_name=run_name)
     records = result.history[1:]
     return min(r["step_time_ms"] for r in records), min(r["step_cpu_ms"] for r in records)
 
@@ -129,7 +137,8 @@ def main() -> None:
                 if side == "bare":
                     measured[side] = ray.get(bare_task.remote(task_kwargs, source, args.steps, 1e-3, 0))
                 else:
-                    measured[side] = engine_ms(side, task_kwargs, source, args.steps, 1e-3, 0, storage)
+                    name = f"overhead-{side}-{repeat}"
+                    measured[side] = engine_ms(side, task_kwargs, source, args.steps, 1e-3, 0, storage, name)
             runs.append(measured)
             print(
                 f"repeat {repeat + 1}/{args.repeats} ({'-'.join(order)}): "

@@ -27,3 +27,44 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+# Actors a finished trainer, evaluation or data pipeline must not leave behind. Ray Train keeps one controller
+# until the next run replaces it; everything else must be gone once the work that made it returned.
+_LEAK_LIMITS = {"TrainController": 1, "PlacementGroupCleaner": 0, "MapWorker": 0}
+
+
+def _lingering_actors() -> dict[str, int]:
+    import ray
+
+    found = {name: 0 for name in _LEAK_LIMITS}
+    for actor in ray._private.state.actors().values():
+        if actor["State"] != "ALIVE":
+            continue
+        for name in _LEAK_LIMITS:
+            if actor["ActorClassName"].startswith(name):
+                found[name] += 1
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_actors(request):
+    """After every test that used the session's Ray: no trainer, cleaner or actor pool outlives its work (they would
+    pile up over the session, holding CPUs and memory). Ray tears actors down asynchronously: allow a few seconds."""
+    yield
+    if "ray_session" not in request.fixturenames:
+        return
+    import time
+
+    import ray
+
+    if not ray.is_initialized():
+        return
+    deadline = time.monotonic() + 20
+    while True:
+        found = _lingering_actors()
+        leaked = {name: count for name, count in found.items() if count > _LEAK_LIMITS[name]}
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not leaked, f"actors left alive after the test: {leaked} (allowed: {_LEAK_LIMITS})"

@@ -134,21 +134,29 @@ def measured_matmul_peak(device: str) -> float:
 
 def init_ray(profile: Profile, num_cpus: int | None = None) -> Any:
     """An embedded Ray on 127.0.0.1 for this item only: all cores (and the GPU) on the GPU machine, 2 CPUs in the
-    dry run. No dashboard: its dependencies are not in the offline bundle."""
+    dry run. No dashboard: its dependencies are not in the offline bundle. The workers' output comes to this
+    process, so it lands in the item's log (the only trace a failure on the GPU machine leaves)."""
     import ray
     import ray.data
 
+    started = time.perf_counter()
     ray.init(
         address="local",
         num_cpus=num_cpus or (os.cpu_count() if profile.gpu else 2),
         num_gpus=1 if profile.gpu else 0,
         include_dashboard=False,
-        log_to_driver=False,
+        log_to_driver=True,
         configure_logging=False,
         _node_ip_address="127.0.0.1",
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
+    progress(f"Ray started in {time.perf_counter() - started:.1f} s")
     return ray
+
+
+def progress(message: str) -> None:
+    """A timestamped line in the item's log."""
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
 
 
 def fmt_rate(value: float | None) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpu_items.common import ItemReport, Profile, device_name, fmt_rate, time_rate
+from gpu_items.common import ItemReport, Profile, device_name, fmt_rate, progress, time_rate
 
 THROUGHPUT_GOAL = 50_000
 SEVERITIES = (2, 5)
@@ -99,15 +99,17 @@ def agreement(profile: Profile) -> list[dict[str, Any]]:
                 diff = (on_cpu.double() - on_other.double()).abs()
                 worst_mean, worst_max = max(worst_mean, diff.mean().item()), max(worst_max, diff.max().item())
         except FrostImagesMissingError:
-            rows.append({**row, "mean |diff|": "-", "max |diff|": "-", "agrees": "skipped: no frost images"})
+            rows.append({**row, "mean abs diff": "-", "max abs diff": "-", "agrees": "skipped: no frost images"})
             continue
         agrees = worst_mean <= mean_tol and worst_max <= max_tol
+        progress(f"{name}: mean |diff| {worst_mean:.2e}, max {worst_max:.2e}")
         rows.append({**row, "mean |diff|": f"{worst_mean:.1e}", "max |diff|": f"{worst_max:.1e}", "agrees": agrees})
     return rows
 
 
 def corruptions(profile: Profile, workdir: Path) -> ItemReport:
     rates, mixed = throughput(profile)
+    progress(f"throughput: {rates}, mixed {mixed:.0f} img/s")
     rows = agreement(profile)
     whole_pass = len(rates) / sum(1 / rate for rate in rates.values())  # one image through each of the nine
     disagree = [row["corruption"] for row in rows if row["agrees"] is False]

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpu_items.common import ItemReport, Profile, fmt_rate, init_ray
+from gpu_items.common import ItemReport, Profile, fmt_rate, init_ray, progress
 
 STAGES = ("decode", "corrupt", "gt_map")
 
@@ -27,7 +27,7 @@ def build_shards(workdir: Path, profile: Profile) -> str:
     """The demo data set (scikit-image photos + generated shapes) at the profile's size, through the prepare path."""
     from robustfm.data.demo import write_demo_shards
 
-    images, val = profile.pick(1024, 48), profile.pick(96, 8)  # ~30 s of image generation on the GPU machine
+    images, val = profile.pick(768, 48), profile.pick(96, 8)  # ~25 s of image generation on the GPU machine
     return str(write_demo_shards(workdir / "demo", image_size=profile.image_size, n_images=images, n_val=val))
 
 
@@ -70,7 +70,11 @@ def data_path(profile: Profile, workdir: Path) -> ItemReport:
     started = time.perf_counter()
     shards = build_shards(workdir.parent / "shared", profile)  # the cgclip item trains on the same shards
     build_s = time.perf_counter() - started
-    measured = {name: rows_per_s(source(shards, profile, index + 1)) for index, name in enumerate(STAGES)}
+    progress(f"demo shards ready in {build_s:.0f} s")
+    measured = {}
+    for index, name in enumerate(STAGES):
+        measured[name] = rows_per_s(source(shards, profile, index + 1))
+        progress(f"pipeline up to {name}: {measured[name]}")
     table = [
         {
             "pipeline up to": name,

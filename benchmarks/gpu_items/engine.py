@@ -24,6 +24,7 @@ from gpu_items.common import (
     measured_matmul_peak,
     median_min_max,
     nominal_peak,
+    progress,
 )
 
 MFU_GOAL = 0.35
@@ -56,7 +57,9 @@ def engine_run(profile: Profile, strategy: str, source: SyntheticClipSource, win
     started = time.perf_counter()
     result = fit(cfg, clip_task_factory(profile.model), source, run_name=f"engine-{strategy}")
     rates = [r["samples_per_s"] for r in result.history if "samples_per_s" in r][1:]
-    return {"samples_per_s": rates, "wall_s": time.perf_counter() - started}
+    wall = time.perf_counter() - started
+    progress(f"engine {strategy}: {[round(r) for r in rates]} img/s per window, fit took {wall:.0f} s")
+    return {"samples_per_s": rates, "wall_s": wall}
 
 
 def _mfu(rate: float, flops_per_sample: float | None, peak: float | None) -> float | None:
@@ -85,6 +88,7 @@ def engine(profile: Profile, workdir: Path) -> ItemReport:
     bare_runs, engines, flops = [], {}, None
     for index, strategy in enumerate(("ddp", "deepspeed", None)):
         bare = bare_windows(profile.model, source, profile.device, window, count_flops=index == 0)
+        progress(f"bare loop {index + 1}/3: {[round(r) for r in bare['samples_per_s']]} img/s per window")
         flops = flops or bare["flops_per_sample"]
         bare_runs.append(statistics.median(bare["samples_per_s"]))
         if strategy is not None:
@@ -141,10 +145,12 @@ def compile_item(profile: Profile, workdir: Path) -> ItemReport:
     peaks = _peaks(profile)
     peak = peaks["nominal_bf16_peak_flops"] or peaks["measured_bf16_matmul_flops"]
     eager = bare_windows(profile.model, source, profile.device, window, count_flops=True)
+    progress(f"eager: {[round(r) for r in eager['samples_per_s']]} img/s per window")
     # The dry run checks the compile path (Dynamo + AOTAutograd) without Inductor's C++ builds, which take minutes
     # on two cores.
     backend = profile.pick("inductor", "aot_eager")
     compiled = bare_windows(profile.model, source, profile.device, window, compile_backend=backend)
+    progress(f"compiled: {[round(r) for r in compiled['samples_per_s']]} img/s per window")
     flops = eager["flops_per_sample"]
     eager_rate, compiled_rate = statistics.median(eager["samples_per_s"]), statistics.median(compiled["samples_per_s"])
     mfu = _mfu(compiled_rate, flops, peak)

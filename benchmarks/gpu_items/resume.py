@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from gpu_items.clip_task import SyntheticClipSource, clip_task_factory, stage_config
-from gpu_items.common import ItemReport, Profile, init_ray
+from gpu_items.common import ItemReport, Profile, init_ray, progress
 
 NOISE_MARGIN = 2.0
 
@@ -34,7 +34,7 @@ def _run(profile: Profile, storage: Path, name: str, steps: int, batch: int, fai
     from robustfm.config import load_config
     from robustfm.train import TrainConfig, fit
 
-    every = steps // 2 - 1  # a periodic checkpoint before the failure, and the failure before the next one
+    every = steps // 2  # one periodic checkpoint mid-stage (the next one would be the stage's end)
     cfg = load_config(
         TrainConfig,
         base={
@@ -62,6 +62,7 @@ def _run(profile: Profile, storage: Path, name: str, steps: int, batch: int, fai
     losses = [r["loss/total"] for r in result.history if "loss/total" in r]
     # The task is built once in this process (checks) and in every worker attempt: a kill and a restart leave two.
     workers = len(set(pid_log.read_text().split()) - {str(os.getpid())})
+    progress(f"run {name}: {time.perf_counter() - started:.0f} s, {workers} worker process(es)")
     return {
         "state": result.load_state_dict(),
         "losses": losses,
@@ -84,8 +85,8 @@ def _difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[
 
 
 def resume(profile: Profile, workdir: Path) -> ItemReport:
-    steps, batch = profile.pick(12, 6), profile.pick(64, 4)
-    fail_at = steps // 2 + 1
+    steps, batch = profile.pick(8, 6), profile.pick(64, 4)
+    fail_at = steps // 2 + 1  # one step after the periodic checkpoint: the resumed run replays it
     # cuBLAS reads this when its first handle is made: set before Ray starts, the workers inherit it.
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     init_ray(profile)
@@ -98,7 +99,7 @@ def resume(profile: Profile, workdir: Path) -> ItemReport:
         "steps": steps,
         "batch": batch,
         "killed_after_step": fail_at,
-        "checkpoint_every_steps": steps // 2 - 1,
+        "checkpoint_every_steps": steps // 2,
         "resumed_vs_uninterrupted": ab,
         "losses_equal": a["losses"] == b["losses"],
         "worker_processes": {"uninterrupted": a["workers"], "killed_and_resumed": b["workers"]},
@@ -106,12 +107,14 @@ def resume(profile: Profile, workdir: Path) -> ItemReport:
     }
     if b["workers"] < 2:
         raise RuntimeError(f"the killed run used {b['workers']} worker process(es): the kill did not happen")
+    runs = [("uninterrupted", a, None), (f"killed after step {fail_at}, resumed", b, ab)]
     if ab["max_abs"] == 0 and metrics["losses_equal"]:
         passed, tolerance = True, 0.0
         summary = f"bit-identical to the uninterrupted run ({ab['tensors']} tensors, every logged loss equal)"
     else:
         c = _run(profile, storage, "uninterrupted-again", steps, batch, None)
         ac = _difference(a["state"], c["state"])
+        runs.append(("uninterrupted again (the kernels' own noise)", c, ac))
         tolerance = NOISE_MARGIN * ac["max_abs"]
         passed = ab["max_abs"] <= tolerance
         metrics["repeat_vs_uninterrupted"] = ac
@@ -120,7 +123,18 @@ def resume(profile: Profile, workdir: Path) -> ItemReport:
             f"differ) vs run-to-run noise {ac['max_abs']:.3g}: {'within' if passed else 'BEYOND'} {NOISE_MARGIN:g}x"
         )
     metrics["tolerance"] = tolerance
+    rows = [
+        {
+            "run": label,
+            "worker processes": run["workers"],
+            "s": f"{run['wall_s']:.0f}",
+            "max abs diff to uninterrupted": "-" if diff is None else f"{diff['max_abs']:.3g}",
+            "tensors differing": "-" if diff is None else f"{diff['tensors_differing']}/{diff['tensors']}",
+        }
+        for label, run, diff in runs
+    ]
     return ItemReport(
+        tables={"final weights": rows},
         summary=f"ZeRO-2 bf16, killed after step {fail_at}/{steps}: {summary}",
         metrics=metrics,
         goal="resumed == uninterrupted (bitwise; if the kernels themselves are not deterministic: no further apart "

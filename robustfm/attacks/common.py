@@ -182,12 +182,14 @@ def evaluate(
             outputs = forward(points)
         outputs = outputs.to(points.dtype)  # the loss in fp32 (or wider), whatever the model computed in
         loss = objective.loss(outputs, target)
-    if loss.shape != points.shape[:1]:
-        raise ValueError(
-            f"objective {objective.name!r} must return one loss per row {tuple(points.shape[:1])}, "
-            f"got {tuple(loss.shape)}"
-        )
-    (grad,) = torch.autograd.grad(loss.sum(), points)
+        if loss.shape != points.shape[:1]:
+            raise ValueError(
+                f"objective {objective.name!r} must return one loss per row {tuple(points.shape[:1])}, "
+                f"got {tuple(loss.shape)}"
+            )
+        # The sum too must be taken with grad enabled: a caller inside torch.no_grad() (a validation hook) would
+        # otherwise hand autograd a sum without a graph.
+        (grad,) = torch.autograd.grad(loss.sum(), points)
     # One pass for both checks: a row's largest |g| is NaN or inf iff some entry is, and 0 iff all are.
     largest = torch.linalg.vector_norm(grad.flatten(1), ord=float("inf"), dim=1)
     finite_loss = torch.isfinite(loss.detach())

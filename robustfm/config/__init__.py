@@ -8,6 +8,7 @@ from robustfm.config.core import (
     from_dict,
     load_config,
     replace_path,
+    replace_paths,
     to_dict,
 )
 from robustfm.config.run_record import git_sha, save_resolved_config
@@ -25,6 +26,7 @@ __all__ = [
     "git_sha",
     "load_config",
     "replace_path",
+    "replace_paths",
     "save_resolved_config",
     "to_dict",
 ]

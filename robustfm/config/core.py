@@ -304,6 +304,13 @@ def load_config(
 
 def replace_path(config: T, dotted: str, value: Any) -> T:
     """A new config equal to ``config`` but with ``dotted`` set to ``value`` (validated like an override)."""
+    return replace_paths(config, {dotted: value})
+
+
+def replace_paths(config: T, changes: Mapping[str, Any]) -> T:
+    """A new config with every ``dotted: value`` of ``changes`` set, validated once after all of them: fields that
+    are only valid together (a probe mode and the file it needs) change in one step."""
     data = to_dict(config)
-    set_path(data, dotted.split("."), value)
+    for dotted, value in changes.items():
+        set_path(data, dotted.split("."), value)
     return from_dict(type(config), data)

@@ -14,7 +14,7 @@ any run, seed or batch size attacks the same images; the protocol records its si
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -106,8 +106,19 @@ def _row_seed(sample_id: str, name: str, seed: int) -> int:
     return sample_seed(sample_id, 0, f"zero_shot/{name}", seed)
 
 
-def _run(attack, logits, x, y, clean, eps, params, seeds, precision, model):  # noqa: ANN001, ANN202
-    """(fooled, failed, had a zero gradient, the decisive point per row) of one attack."""
+def _run(
+    attack: str,
+    logits: Callable[[Any], Any],
+    x: Any,
+    y: Any,
+    clean: Any,
+    eps: float,
+    params: Mapping[str, Any],
+    seeds: list[int],
+    precision: str,
+    model: Any,
+) -> tuple[Any, Any, Any, Any]:
+    """(fooled, failed, had a zero gradient, the decisive point) per row, of one attack on the rows ``x``."""
     import torch
 
     from robustfm.attacks import AttackConfig, apgd
@@ -151,7 +162,9 @@ def _decisive(result: Any) -> Any:
     return torch.where(result.success.view(-1, 1, 1, 1), result.x_success, result.x_adv)
 
 
-def _rows(ids, labels, logits, robust, failed, zero, name):  # noqa: ANN001, ANN202
+def _rows(
+    ids: Sequence[str], labels: Any, logits: Any, robust: Any, failed: Any, zero: Any, name: str
+) -> list[dict[str, Any]]:
     values = logits.detach().cpu().numpy().astype(np.float32)
     flags = [t.detach().cpu().numpy() for t in (labels, robust, failed, zero)]
     return [

@@ -27,7 +27,7 @@ attack objective reads, ``target`` holds its tensors, ``row_seeds`` one int per 
 config), ``model`` is held in eval mode while the maximizer runs."""
 
 ATTACK_SEED = "attack_seed"
-"""The batch column of per-image attack seeds (from (id, epoch): :func:`robustfm.recipes.adversarial.attack_seeds`)."""
+"""The batch column of per-image attack seeds (from (id, epoch): :class:`robustfm.recipes.adversarial.AttackSeeds`)."""
 
 
 def pgd_points(
@@ -155,7 +155,7 @@ class AdversarialFTTask(nn.Module):
         if seeds is None and needs_seeds:
             raise KeyError(
                 f"batch has no {ATTACK_SEED!r} column: the attack's random starts are seeded per image from "
-                "(id, epoch); add robustfm.recipes.adversarial.attack_seeds to the batch source's stages"
+                "(id, epoch); add robustfm.recipes.adversarial.AttackSeeds to the batch source's stages"
             )
         row_seeds = None if seeds is None else [int(s) for s in seeds.tolist()]
         return MAXIMIZERS.get(self.config.maximizer)(forward, x, target, self.config, row_seeds, self.model)

@@ -73,7 +73,8 @@ class CGClipConfig:
             "must not repeat a clean prompt (the two kinds would share a caption)",
         )
         check(
-            self.logit_scale_init is None or (math.isfinite(self.logit_scale_init) and 0 < self.logit_scale_init <= 100),
+            self.logit_scale_init is None
+            or (math.isfinite(self.logit_scale_init) and 0 < self.logit_scale_init <= 100),
             "logit_scale_init",
             self.logit_scale_init,
             "must be a positive number up to 100 (the multiplier 1/tau; CLIP bounds it at 100) or null",

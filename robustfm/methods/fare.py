@@ -14,6 +14,7 @@ import torch
 from robustfm.config import ModelConfig
 from robustfm.methods.adversarial import AdversarialFTTask, check_clip
 from robustfm.methods.fare_config import FAREConfig
+from robustfm.models.clip import ClipModel
 
 
 def squared_distance(embeddings: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -26,7 +27,7 @@ class FARETask(AdversarialFTTask):
 
     loss_name = "fare"
 
-    def __init__(self, model, config: FAREConfig | None = None) -> None:  # noqa: ANN001  (a ClipModel)
+    def __init__(self, model: ClipModel, config: FAREConfig | None = None) -> None:
         super().__init__(model, config or FAREConfig())
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

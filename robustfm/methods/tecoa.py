@@ -8,7 +8,6 @@ See :class:`~robustfm.methods.tecoa_config.TeCoAConfig` for the losses.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from robustfm.config import ConfigError, ModelConfig
 from robustfm.methods.adversarial import AdversarialFTTask, check_clip
 from robustfm.methods.tecoa_config import TeCoAConfig
+from robustfm.models.clip import ClipModel
 from robustfm.train.task import StageSpec
 
 
@@ -30,7 +30,7 @@ class TeCoATask(AdversarialFTTask):
 
     loss_name = "tecoa"
 
-    def __init__(self, model: Any, config: TeCoAConfig) -> None:
+    def __init__(self, model: ClipModel, config: TeCoAConfig) -> None:
         if not config.class_names:
             raise ConfigError(
                 "method.class_names",

@@ -260,23 +260,27 @@ def measure(cfg: CGClipRecipeConfig, settings: Any, out: Path, name: str, task: 
 def _probe_settings(cfg: CGClipRecipeConfig, settings: Any, path: Path) -> dict[str, Any]:
     """``fit``: the detection suite on the in-domain training split minus its held-out rows, fitting the probe and
     saving it to ``path``; ``load``: the milestone settings applying that probe unchanged."""
-    from robustfm.config import replace_path
+    from robustfm.config import replace_paths
 
     suite = f"suites.{OOD_SUITE}"
-    fit = replace_path(settings, f"{suite}.data.split", cfg.data.train_split)
-    fit = replace_path(fit, f"{suite}.data.holdout_fraction", cfg.data.holdout_fraction)
-    fit = replace_path(fit, f"{suite}.probe", "fit")
-    fit = replace_path(fit, f"{suite}.probe_path", str(path))
-    load = replace_path(replace_path(settings, f"{suite}.probe", "load"), f"{suite}.probe_path", str(path))
+    fit = replace_paths(
+        settings,
+        {
+            f"{suite}.data.split": cfg.data.train_split,
+            f"{suite}.data.holdout_fraction": cfg.data.holdout_fraction,
+            f"{suite}.probe": "fit",
+            f"{suite}.probe_path": str(path),
+        },
+    )
+    load = replace_paths(settings, {f"{suite}.probe": "load", f"{suite}.probe_path": str(path)})
     return {"fit": fit, "load": load}
 
 
 def _ood_settings(settings: Any, shards: str, split: str) -> Any:
     """The milestone settings with the detection suite pointed at an out-of-domain set."""
-    from robustfm.config import replace_path
+    from robustfm.config import replace_paths
 
-    settings = replace_path(settings, f"suites.{OOD_SUITE}.data.shards", shards)
-    return replace_path(settings, f"suites.{OOD_SUITE}.data.split", split)
+    return replace_paths(settings, {f"suites.{OOD_SUITE}.data.shards": shards, f"suites.{OOD_SUITE}.data.split": split})
 
 
 def _tsne(cfg: CGClipRecipeConfig, name: str, model: Any, png: Path) -> Path:

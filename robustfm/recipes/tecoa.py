@@ -97,7 +97,12 @@ def _resolve(cfg: TeCoARecipeConfig) -> TeCoARecipeConfig:
 SWEEP = RecipeSweep(
     config_class=TeCoARecipeConfig,
     default_config=REPO_ROOT / "configs" / "tecoa" / "demo.yaml",
-    metrics={"val/adversarial_loss": "min", "val/adversarial_top1": "max", "val/clean_top1": "max", "train/loss": "min"},
+    metrics={
+        "val/adversarial_loss": "min",
+        "val/adversarial_top1": "max",
+        "val/clean_top1": "max",
+        "train/loss": "min",
+    },
     diverged_values={"val/adversarial_loss": 1e30, "val/adversarial_top1": 0.0, "val/clean_top1": 0.0},
     builder=lambda cfg, weights: kit.TaskBuilder("tecoa", cfg.model, cfg.method, weights),
     batches=lambda cfg, stages: adversarial.training_batches(cfg),

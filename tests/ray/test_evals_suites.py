@@ -132,7 +132,7 @@ def test_corruption_detection_against_sklearn_and_the_model(tracked, driver_mode
 
     result = tracked["results"]["corruption_detection"]
     rows = {k: v[result.rows["status"] == "ok"] for k, v in result.rows.items()}
-    section = tracked["cfg"].corruption_detection
+    section = tracked["cfg"].suites["corruption_detection"]
     ids = rows["id"].astype(str)
     corruption = rows["corruption"].astype(str)
     labels = (corruption != "clean").astype(int)
@@ -161,7 +161,7 @@ def test_corruption_detection_against_sklearn_and_the_model(tracked, driver_mode
     # Metrics against sklearn on the same scores, per subset.
     test = ~np.array([in_probe_train_split(i, section.probe_train_fraction, 7) for i in ids])
     fit = ~test & ((corruption == "clean") | np.isin(corruption, ["gaussian_noise", "pixelate", "brightness"]))
-    probe = LogisticRegression(C=section.probe_c, max_iter=2000).fit(
+    probe = LogisticRegression(C=section.probe_c, max_iter=2000, class_weight="balanced").fit(
         rows["embedding"][fit].astype(np.float64), labels[fit]
     )
     scores = {"zero_shot": rows["p_corrupt"], "probe": probe.predict_proba(rows["embedding"].astype(np.float64))[:, 1]}
@@ -173,10 +173,15 @@ def test_corruption_detection_against_sklearn_and_the_model(tracked, driver_mode
     }
     for detector, (subset, mask) in itertools.product(scores, subsets.items()):
         y, s = labels[mask], scores[detector][mask]
+        # balanced: each clean row weighs (corrupted count / clean count), as in paper 000's balanced sets
+        weight = np.where(y == 1, 1.0, (y == 1).sum() / (y == 0).sum())
         got = {f: result.metrics[f"{detector}/{subset}/{f}"] for f in ("accuracy", "auroc", "f1")}
         assert got["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-9), (detector, subset)
-        assert got["f1"] == pytest.approx(f1_score(y, s > 0.5), abs=1e-9), (detector, subset)
-        assert got["accuracy"] == pytest.approx(accuracy_score(y, s > 0.5), abs=1e-9), (detector, subset)
+        assert got["f1"] == pytest.approx(f1_score(y, s > 0.5, sample_weight=weight), abs=1e-9), (detector, subset)
+        assert got["accuracy"] == pytest.approx(accuracy_score(y, s > 0.5, sample_weight=weight), abs=1e-9), (
+            detector,
+            subset,
+        )
 
 
 @pytest.mark.timeout(120)

@@ -75,7 +75,9 @@ def test_milestone_and_sweep_detectors_ask_with_the_same_prompts(demo_shards):
     from robustfm.recipes.cgclip import SWEEP, milestone_eval_settings
     from robustfm.recipes.kit import TaskBuilder
 
-    cfg = _config(demo_shards, "method.clean_prompts=[a pristine picture]", "method.corrupt_prompts=[a damaged picture]")
+    cfg = _config(
+        demo_shards, "method.clean_prompts=[a pristine picture]", "method.corrupt_prompts=[a damaged picture]"
+    )
     suite = milestone_eval_settings(cfg).suites["corruption_detection"]
     assert suite.clean_prompts == ("a pristine picture",) and suite.corrupt_prompts == ("a damaged picture",)
 

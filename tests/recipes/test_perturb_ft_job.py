@@ -39,7 +39,12 @@ def perturb_ft_overrides(out: Path, shards: str, **extra: str) -> list[str]:
 
 @pytest.mark.timeout(1200)
 def test_perturb_ft_runs_resumes_and_skips_finished_stages(demo_shards, tmp_path):
-    base = ["jobs/perturb_ft.py", "--config", "configs/perturb_ft/demo.yaml", *perturb_ft_overrides(tmp_path, demo_shards)]
+    base = [
+        "jobs/perturb_ft.py",
+        "--config",
+        "configs/perturb_ft/demo.yaml",
+        *perturb_ft_overrides(tmp_path, demo_shards),
+    ]
     out = tmp_path / "pft"
     saved = out / "stages" / "finetune" / "task.safetensors"
     pretrained_cache = out / "milestones" / "pretrained.json"

@@ -90,9 +90,9 @@ def test_the_probe_fitted_in_domain_is_applied_unchanged_out_of_domain(tmp_path)
 
 
 def test_the_probe_is_fitted_with_balanced_classes():
-    from robustfm.evals.probe import LinearProbe
-
     from sklearn.linear_model import LogisticRegression
+
+    from robustfm.evals.probe import LinearProbe
 
     rng = np.random.default_rng(3)
     clean, corrupted = rng.normal(size=(40, 2)), rng.normal(size=(360, 2)) + [1.0, 0.0]

@@ -21,6 +21,7 @@ OUTPUTS = ["gpu_acceptance.json", "gpu_acceptance.log", "gpu_acceptance.md"]
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.timeout(2700)  # ~4 minutes on two idle cores; the items' own limits allow for a shared machine
 def test_dry_run_runs_every_item_and_writes_the_report(tmp_path):
     out = tmp_path / "out"
     done = subprocess.run(
@@ -28,7 +29,7 @@ def test_dry_run_runs_every_item_and_writes_the_report(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=2600,
     )
     report = json.loads((out / "gpu_acceptance.json").read_text())
     failed = {name: r.get("error") or r["summary"] for name, r in report["items"].items() if r["status"] != "ok"}
@@ -61,14 +62,14 @@ def test_dry_run_runs_every_item_and_writes_the_report(tmp_path):
 
 
 def test_an_item_over_its_time_limit_is_stopped_and_reported(tmp_path):
-    result = gpu_acceptance.run_item("engine", "dry", tmp_path, 3, gpu_acceptance.item_environment())
+    result = gpu_acceptance.run_item("engine", "dry", tmp_path, 3, gpu_acceptance.item_environment(dry_run=True))
     assert result["status"] == "timeout"
     assert "limit of 3 s" in result["summary"]
     assert result["seconds"] < 60  # the process group was ended, not waited for
 
 
 def test_an_item_that_fails_is_reported_with_its_error(tmp_path):
-    result = gpu_acceptance.run_item("corruptions", "tpu", tmp_path, 120, gpu_acceptance.item_environment())
+    result = gpu_acceptance.run_item("corruptions", "tpu", tmp_path, 120, gpu_acceptance.item_environment(True))
     assert result["status"] == "error"
     assert "profile must be 'gpu' or 'dry', got 'tpu'" in result["error"]
 

@@ -109,7 +109,12 @@ def test_class_names_come_from_the_manifest_or_a_file(tmp_path):
     [
         (NAMES, ("id", "image", "captions"), None, "data.shards: TeCoA needs labelled shards"),
         ((), ("id", "image", "label"), None, "data.shards: TeCoA needs labelled shards"),
-        (("crane", "dog", "crane"), ("id", "image", "label"), None, "manifest's class list holds duplicate class names"),
+        (
+            ("crane", "dog", "crane"),
+            ("id", "image", "label"),
+            None,
+            "manifest's class list holds duplicate class names",
+        ),
         (NAMES, ("id", "image", "label"), "a\nb\na\nc\n", "method.class_names_file: holds duplicate class names"),
         (NAMES, ("id", "image", "label"), "a\nb\n", "method.class_names_file: has 2 class names, the shards' labels"),
     ],
@@ -143,18 +148,35 @@ def test_bad_config_names_the_field(override, field):
     assert err.value.field == field, str(err.value)
 
 
-def test_the_job_refuses_bad_input_before_ray_starts(tmp_path, capsys):
+def test_the_job_refuses_bad_input_before_ray_starts(tmp_path, capsys, monkeypatch):
     import importlib.util
-
-    import ray
 
     spec = importlib.util.spec_from_file_location("tecoa_job", "jobs/tecoa.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
+    started = []  # this process may already hold the session's Ray: watch the job's own start instead
+    monkeypatch.setattr(job, "init_ray", lambda *args, **kwargs: started.append(args))
     with pytest.raises(SystemExit) as exited:
         job.main(["method.attack.eps=0"])
     assert exited.value.code == 2 and "method.attack.eps: must be > 0" in capsys.readouterr().err
     unlabelled = _manifest(tmp_path, (), ("id", "image"))
     assert job.main([f"data.shards={unlabelled}", f"output_dir={tmp_path}"]) == 2
     assert "TeCoA needs labelled shards" in capsys.readouterr().err
-    assert not ray.is_initialized()
+    assert started == []
+
+
+def test_the_sweep_validation_attacks_inside_no_grad():
+    from robustfm.recipes.kit import TaskBuilder
+    from robustfm.recipes.tecoa import SWEEP, TeCoAValidation
+
+    attack = AttackConfig(eps=0.3, steps=2, objective="ce")
+    builder = TaskBuilder("tecoa", TINY, TeCoAConfig(class_names=NAMES, attack=attack))
+    start = builder.initial(seed=0)
+    validation = TeCoAValidation(builder, SWEEP.diverged_values)
+    images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        labels = start.logits(images).argmax(1)  # every image right: clean top-1 = 1
+    validation._held_out = {"image": images, "label": labels.float()}
+    metrics = validation("finetune", 1, start.state_dict(), {"loss/total": 1.0})
+    assert metrics["val/clean_top1"] == 1.0 and metrics["val/adversarial_top1"] < 1.0
+    assert metrics["val/adversarial_loss"] > 0 and metrics["val/diverged"] == 0.0
