@@ -1,4 +1,5 @@
-"""CG-CLIP end to end: `ray job submit` against a local head with token auth, and resume after a killed worker."""
+"""CG-CLIP end to end: `ray job submit` against a local head with token auth, logging to a real MLflow tracking
+server (infra/mlflow-local.sh) on loopback, with an out-of-domain set; and resume after a killed worker."""
 
 from __future__ import annotations
 
@@ -86,10 +87,58 @@ def ray_head(tmp_path_factory):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """infra/mlflow-local.sh on 127.0.0.1:<free port>, stopped (its whole process group) after the test."""
+    port = free_loopback_port()
+    # The `mlflow` entry point of the environment under test, whether or not that environment is activated.
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log_path = tmp_path / "mlflow-server.log"
+    server = subprocess.Popen(
+        ["bash", str(REPO / "infra" / "mlflow-local.sh"), str(tmp_path / "store")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log_path.open("wb"),
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                log_tail = log_path.read_text(errors="replace")[-2000:]
+                pytest.fail(f"mlflow server did not come up on {url} (exit code {server.poll()}):\n{log_tail}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+        except ProcessLookupError:  # a server that died on start-up leaves no process group to stop
+            pass
+        server.wait(timeout=30)
+
+
 @pytest.mark.timeout(900)
-def test_ray_job_submit_runs_cgclip_end_to_end(ray_head, demo_shards, tmp_path):
+def test_ray_job_submit_runs_cgclip_end_to_end(ray_head, mlflow_server, demo_shards, tmp_path):
+    from robustfm.testing.datasets import write_demo_shards
+
     address, env = ray_head
-    overrides = tiny_cgclip_overrides(tmp_path, demo_shards, name="submitted")
+    # Another data set for the out-of-domain detection of every milestone (other photos' crops, other shapes).
+    ood_shards = write_demo_shards(tmp_path / "ood", image_size=64, n_images=12, n_val=4, seed=7)
+    overrides = tiny_cgclip_overrides(
+        tmp_path,
+        demo_shards,
+        name="submitted",
+        **{"tracking.uri": mlflow_server, "data.ood.caltech.shards": str(ood_shards)},
+    )
     command = [
         "ray",
         "job",
@@ -117,18 +166,36 @@ def test_ray_job_submit_runs_cgclip_end_to_end(ray_head, demo_shards, tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    # Everything went to the server, nothing to a local store: the parent run, the engine's stage runs (written from
+    # the Ray Train workers), the milestones and the out-of-domain suite runs nested under them.
+    assert not (tmp_path / "mlflow.db").exists()
+    client = MlflowClient(tracking_uri=mlflow_server)
     experiment = client.get_experiment_by_name("cgclip-demo")
     runs = client.search_runs([experiment.experiment_id], max_results=500)
-    parent = next(r for r in runs if r.info.run_name == "submitted")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [p.info.run_name for p in parents] == ["submitted"]
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.params["name"] == "submitted"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     stage_runs = [r for r in children if r.data.tags.get("stage")]
     assert sorted(r.data.tags["stage"] for r in stage_runs) == ["adapt", "isolate", "tune"]
-    assert all(r.info.status == "FINISHED" for r in stage_runs)
+    assert all(r.info.status == "FINISHED" and "loss/total" in r.data.metrics for r in stage_runs)
     assert "adapt-isolate-tune/corruption_detection/zero_shot/all/auroc" in parent.data.metrics
     assert "pretrained/zero_shot/clean/top1" in parent.data.metrics
     tsne = [a.path for a in client.list_artifacts(parent.info.run_id, "tsne")]
     assert "tsne/pretrained.png" in tsne and "tsne/adapt-isolate-tune.png" in tsne
+    ood_key = "ood/caltech/corruption_detection/zero_shot/set/seen/auroc"
+    milestones = {r.info.run_name: r for r in children if r.info.run_name.startswith("milestone-")}
+    assert {"milestone-pretrained", "milestone-adapt-isolate-tune"} <= set(milestones), sorted(milestones)
+    for name, milestone in milestones.items():
+        assert 0.0 <= milestone.data.metrics[ood_key] <= 1.0, name
+        # the out-of-domain suite run read the OOD shards (split "train", 12 images)
+        nested = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == milestone.info.run_id}
+        ood_run = nested["eval/ood-caltech/corruption_detection"]
+        assert any(str(ood_shards) in value for value in ood_run.data.params.values()), ood_run.data.params
+        assert ood_run.data.metrics["counts/scored"] == 12
+    assert f"adapt/{ood_key}" in parent.data.metrics
+    assert "ood/caltech/zero_shot/set/seen/auroc" in (tmp_path / "submitted" / "detection_table.md").read_text()
 
     # The exported tower has no decoder and loads back with open_clip itself.
     import open_clip
