@@ -41,12 +41,14 @@ def init_ray(cfg: RayConfig, log_to_driver: bool = True, verbose: bool = False) 
         if address:
             ray.init(address=address, log_to_driver=log_to_driver, logging_config=logging_config)
         else:
+            dashboard_port = _own_state_api_address(cfg.include_dashboard)
             ray.init(
                 # "local": always a new embedded Ray; without it, ray.init joins a head that `ray start` left here.
                 address="local",
                 num_cpus=cfg.num_cpus,
                 include_dashboard=cfg.include_dashboard,
                 dashboard_host="127.0.0.1",
+                **({"dashboard_port": dashboard_port} if dashboard_port else {}),
                 log_to_driver=log_to_driver,
                 logging_config=logging_config,
                 _node_ip_address="127.0.0.1",
@@ -55,6 +57,23 @@ def init_ray(cfg: RayConfig, log_to_driver: bool = True, verbose: bool = False) 
         logger.info("joined Ray at %s", address)
     else:
         logger.info("started an embedded Ray with %s CPUs", cfg.num_cpus or os.cpu_count())
+
+
+def _own_state_api_address(include_dashboard: bool) -> int | None:
+    """Point this process, and the Ray it is about to start (the raylet and every worker inherit the environment),
+    at that Ray's own dashboard for the State API; returns the dashboard port to use (None without a dashboard).
+
+    Without it, Ray Train's placement-group cleaner finds "the" cluster by scanning the host: with several Ray
+    instances on one machine (two jobs on a laptop, a benchmark beside the tests) it can ask another cluster about
+    its controller, hear "no such actor", and remove the placement group of a healthy training run (seen here: a run
+    killed mid-stage with "Destroying worker since its placement group was removed").
+    """
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # an address inherited from a parent process names its Ray
+    if not include_dashboard:
+        return None
+    port = free_loopback_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return port
 
 
 @contextlib.contextmanager

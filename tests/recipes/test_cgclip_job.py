@@ -30,6 +30,7 @@ def ray_head(tmp_path_factory):
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)  # would send `ray job submit` to another Ray's dashboard
     token = subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, text=True, timeout=60)
     assert token.returncode == 0, token.stderr
     assert (home / ".ray" / "auth_token").is_file()
