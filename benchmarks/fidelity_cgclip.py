@@ -46,8 +46,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -55,8 +53,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fidelity_common import REPO, machine_line, start_ray
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "cgclip" / "demo.yaml"
 PRESETS = REPO / "configs" / "cgclip" / "ablations"
 VARIANTS = ("cgclip", "flyp_only", "no_tune", "no_isolate", "joint")
@@ -366,15 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     budget = QUICK if args.quick else FULL
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    import ray
     from safetensors.torch import save_file
 
     from robustfm.data.demo import write_demo_shards
     from robustfm.gtmaps.hed import load_hed_vgg16_state_dict
 
     started = time.perf_counter()
-    # address="local": always a private embedded Ray, never a cluster some other process started on this host.
-    ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    start_ray()
     args.output_dir.mkdir(parents=True, exist_ok=True)
     discard_stale_stages(args.output_dir, budget, args)
     vgg = args.output_dir / "hed_vgg16_features.safetensors"
@@ -397,10 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     summary = print_table(per_seed, args.seeds, args.variants)
     ok = checks(summary, per_seed)
-    print(
-        f"\n{platform.node()}: {os.cpu_count()} CPUs, load average {os.getloadavg()}, "
-        f"total {time.perf_counter() - started:.0f} s"
-    )
+    print(machine_line(started))
     return 0 if ok else 1
 
 

@@ -23,13 +23,12 @@ text tower makes them small and noisy).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from fidelity_common import REPO, run_seeded_fidelity
+
 DEMO_CONFIG = REPO / "configs" / "fare" / "demo.yaml"
 EPS = 8 / 255
 
@@ -130,29 +129,9 @@ def report(per_seed: list[dict[str, dict[str, float]]], seeds: list[int]) -> boo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (>= 3 for a CI)")
-    parser.add_argument("--epochs", type=int, default=12, help="fine-tuning epochs (one epoch: ~5 steps of 16)")
-    parser.add_argument("--output-dir", type=Path, default=REPO / "outputs" / "fidelity_fare")
-    args = parser.parse_args(argv)
-    args.output_dir = args.output_dir.resolve()
-
-    import ray
-
-    from robustfm.data.demo import write_demo_shards
-    from robustfm.runtime import configure_job_logging
-
-    started = time.perf_counter()
-    configure_job_logging(args.output_dir)
-    ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, _node_ip_address="127.0.0.1")
-    shards = str(write_demo_shards(args.output_dir / "demo_data", image_size=64, n_images=96, n_val=48))
-    per_seed = [run_seed(seed, args, shards) for seed in args.seeds]
-    ok = report(per_seed, args.seeds)
-    print(
-        f"\n{platform.node()}: {os.cpu_count()} CPUs, load average {os.getloadavg()}, "
-        f"total {time.perf_counter() - started:.0f} s"
+    return run_seeded_fidelity(
+        __doc__, 12, "fine-tuning epochs (one epoch: ~5 steps of 16)", "fidelity_fare", run_seed, report, argv
     )
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":
