@@ -14,17 +14,18 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/robus
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray with 2 CPUs on 127.0.0.1, shared by every test that asks for it."""
+    """A local Ray with 2 CPUs on 127.0.0.1, shared by every test that asks for it, started as the jobs start theirs.
+
+    With its dashboard: Ray Train's placement-group cleaner asks the State API whether a run's controller is alive
+    and removes the workers' placement group once it is not (a Tune trial that ended or was stopped). Without a State
+    API those groups stay reserved, and after a sweep or two the data pipelines of later tests wait forever for CPUs.
+    """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            log_to_driver=False,
-            configure_logging=False,
-        )
+    from robustfm.config.schema import RayConfig
+    from robustfm.runtime import init_ray
+
+    init_ray(RayConfig(num_cpus=2), log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -32,7 +33,8 @@ def ray_session():
 # Actors a finished trainer, evaluation or data pipeline must not leave behind. Ray Train keeps one controller
 # until the next run replaces it; everything else must be gone once the work that made it returned. Not counted:
 # Ray Train's PlacementGroupCleaner, a detached zero-CPU actor that exits by itself once it notices its controller is
-# gone, which takes Ray longer than this check waits when Tune kills a stopped trial.
+# gone, which may take Ray longer than this check waits when Tune kills a stopped trial. What the cleaner frees is
+# checked instead: every CPU of the session's Ray is free again after each test.
 _LEAK_LIMITS = {"TrainController": 1, "MapWorker": 0}
 
 
@@ -49,10 +51,23 @@ def _lingering_actors() -> dict[str, int]:
     return found
 
 
+def _reserved_cpus() -> float:
+    import ray
+
+    return ray.cluster_resources().get("CPU", 0.0) - ray.available_resources().get("CPU", 0.0)
+
+
+def _placement_groups_held() -> list[dict]:
+    from ray.util import placement_group_table
+
+    return [pg["bundles"] for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_actors(request):
-    """After every test that used the session's Ray: no trainer or actor pool outlives its work (they would
-    pile up over the session, holding CPUs and memory). Ray tears actors down asynchronously: allow a few seconds."""
+    """After every test that used the session's Ray: no trainer or actor pool outlives its work and no CPU stays
+    reserved (they would pile up over the session until a later test's pipeline waits forever for a CPU). Ray tears
+    actors and placement groups down asynchronously: allow some seconds."""
     yield
     if "ray_session" not in request.fixturenames:
         return
@@ -62,11 +77,14 @@ def no_leaked_actors(request):
 
     if not ray.is_initialized():
         return
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     while True:
         found = _lingering_actors()
         leaked = {name: count for name, count in found.items() if count > _LEAK_LIMITS[name]}
-        if not leaked or time.monotonic() > deadline:
+        reserved = _reserved_cpus()
+        if (not leaked and reserved < 1e-6) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert not leaked, f"actors left alive after the test: {leaked} (allowed: {_LEAK_LIMITS})"
+    held = _placement_groups_held() if reserved >= 1e-6 else []
+    assert reserved < 1e-6, f"{reserved:g} CPUs still reserved after the test; placement groups held: {held}"
