@@ -13,11 +13,15 @@ configs/fare/demo.yaml) on the demo set's training split, measured on its held-o
 training never sees. Then, on the driver, the FARE distance under attack on the same val images: APGD-100 maximizing
 ||f(x + delta) - f0(x)||^2 in the same ball, for f = the starting model and f = the fine-tuned export.
 
+The milestones also run the ``two_afc`` suite on 48 demo 2AFC triplets (a reference, its near copy and another
+picture: robustfm/data/demo_two_afc.py), clean and with APGD-100 on the reference at the training radius (Linf 8/255):
+paper 003's central claim is that the robust encoder makes a perceptual metric an attacker cannot fool.
+
 Paired per seed (the same seed sets the starting model, the data order, the attacks and the evaluation draws), with
 95% t-intervals over seeds. Checks (exit status 1 on FAIL): the paired gain in robust zero-shot top-1 (APGD-CE 100
-iterations, logits scaled by the model's temperature) has its CI's lower bound above 0, and so has the paired drop of
-the FARE distance under attack. Clean zero-shot top-1 and its retention are reported as they come out (a random-init
-text tower makes them small and noisy).
+iterations, logits scaled by the model's temperature) has its CI's lower bound above 0, and so have the paired drop of
+the FARE distance under attack and the paired gain in robust 2AFC accuracy. Clean zero-shot top-1, its retention and
+clean 2AFC accuracy are reported as they come out (a random-init text tower makes zero-shot small and noisy).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ DEMO_CONFIG = REPO / "configs" / "fare" / "demo.yaml"
 EPS = 8 / 255
 
 
-def overrides(out: Path, shards: str, seed: int, epochs: int) -> list[str]:
+def overrides(out: Path, shards: str, triplets: Path, seed: int, epochs: int) -> list[str]:
     values = {
         "name": f"seed{seed}",
         "seed": str(seed),
@@ -49,6 +53,11 @@ def overrides(out: Path, shards: str, seed: int, epochs: int) -> list[str]:
         "eval.settings.suites.zero_shot.attack_samples": "null",
         "eval.settings.suites.zero_shot.attack_steps": "100",
         "eval.settings.suites.embedding_robustness.data.max_samples": "null",
+        "eval.settings.suites.two_afc.data.shards": str(triplets),
+        "eval.settings.suites.two_afc.data.split": "test",
+        "eval.settings.suites.two_afc.threats": f"[{{norm: linf, eps: {EPS!r}}}]",
+        "eval.settings.suites.two_afc.attack_steps": "100",
+        "eval.settings.suites.two_afc.attack_samples": "null",
         "export.wise_ft_alphas": "[]",
     }
     return [f"{k}={v}" for k, v in values.items()]
@@ -70,12 +79,16 @@ def run_seed(seed: int, args: argparse.Namespace, shards: str) -> dict[str, dict
 
     from robustfm.config import load_config
     from robustfm.data import ShardBatchSource
+    from robustfm.data.demo_two_afc import write_demo_two_afc
     from robustfm.models import create_model
     from robustfm.recipes.fare import run
     from robustfm.recipes.fare_config import FARERecipeConfig
     from robustfm.recipes.kit import TaskBuilder
 
-    cfg = load_config(FARERecipeConfig, DEMO_CONFIG, overrides(args.output_dir, shards, seed, args.epochs))
+    # 96 demo 2AFC triplets (48 test): a reference, its near copy and another picture (built once, shared by seeds).
+    triplets = write_demo_two_afc(args.output_dir / "demo_two_afc", image_size=64, per_split=48)
+    values = overrides(args.output_dir, shards, triplets, seed, args.epochs)
+    cfg = load_config(FARERecipeConfig, DEMO_CONFIG, values)
     started = time.perf_counter()
     record = run(cfg)
     headline = cfg.headline()
@@ -92,6 +105,8 @@ def run_seed(seed: int, args: argparse.Namespace, shards: str) -> dict[str, dict
             "robust top-1": metrics[headline],
             "clean top-1": metrics["zero_shot/clean/top1"],
             "FARE distance under attack": fare_distance(model, images, target, seed),
+            "2AFC robust accuracy": metrics[f"two_afc/apgd_linf:{EPS:g}/all/robust_accuracy"],
+            "2AFC accuracy": metrics["two_afc/clean/all/accuracy"],
         }
     rows["finetune"]["retention"] = rows["finetune"]["clean top-1"] / max(rows["pretrained"]["clean top-1"], 1e-9)
     print(f"[seed {seed}] {time.perf_counter() - started:.0f} s  {rows}", flush=True)
@@ -109,7 +124,8 @@ def report(per_seed: list[dict[str, dict[str, float]]], seeds: list[int]) -> boo
         mean, low, high = mean_confidence_interval(values)
         return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
 
-    columns = ["robust top-1", "FARE distance under attack", "clean top-1", "retention"]
+    columns = ["robust top-1", "FARE distance under attack", "2AFC robust accuracy", "2AFC accuracy", "clean top-1"]
+    columns.append("retention")
     print(f"\nmean [95% t-CI] over seeds {seeds} (n={len(seeds)}), 48 held-out demo images, Linf {EPS * 255:g}/255\n")
     print("| model | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))
@@ -117,7 +133,9 @@ def report(per_seed: list[dict[str, dict[str, float]]], seeds: list[int]) -> boo
         values = [[s[name].get(col, float("nan")) for s in per_seed] for col in columns]
         print(f"| {label} | " + " | ".join(cell(v) for v in values) + " |")
     ok = True
-    for column, sign, what in (("robust top-1", 1, "gain"), ("FARE distance under attack", -1, "drop")):
+    checks = [("robust top-1", 1, "gain"), ("FARE distance under attack", -1, "drop")]
+    checks.append(("2AFC robust accuracy", 1, "gain"))
+    for column, sign, what in checks:
         paired = [sign * (s["finetune"][column] - s["pretrained"][column]) for s in per_seed]
         mean, low, high = mean_confidence_interval(paired)
         passed = low > 0

@@ -26,6 +26,7 @@ import time
 import torch
 
 from robustfm.config import load_config
+from robustfm.runtime import own_state_api_address
 from robustfm.train import TrainConfig, fit
 from robustfm.train.synthetic import SyntheticBatchSource, TinyRegressionTask, build_tiny_task
 
@@ -124,6 +125,7 @@ def main() -> None:
     source = SyntheticBatchSource(
         num_samples=args.batch_size * args.steps, global_batch_size=args.batch_size, in_dim=256, out_dim=64
     )
+    own_state_api_address(include_dashboard=False)  # Ray Train's cleaner must not ask another Ray on this host
     ray.init(
         num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False
     )

@@ -41,7 +41,7 @@ def init_ray(cfg: RayConfig, log_to_driver: bool = True, verbose: bool = False) 
         if address:
             ray.init(address=address, log_to_driver=log_to_driver, logging_config=logging_config)
         else:
-            dashboard_port = _own_state_api_address(cfg.include_dashboard)
+            dashboard_port = own_state_api_address(cfg.include_dashboard)
             ray.init(
                 # "local": always a new embedded Ray; without it, ray.init joins a head that `ray start` left here.
                 address="local",
@@ -59,17 +59,21 @@ def init_ray(cfg: RayConfig, log_to_driver: bool = True, verbose: bool = False) 
         logger.info("started an embedded Ray with %s CPUs", cfg.num_cpus or os.cpu_count())
 
 
-def _own_state_api_address(include_dashboard: bool) -> int | None:
+def own_state_api_address(include_dashboard: bool) -> int | None:
     """Point this process, and the Ray it is about to start (the raylet and every worker inherit the environment),
-    at that Ray's own dashboard for the State API; returns the dashboard port to use (None without a dashboard).
+    at that Ray's own State API; returns the dashboard port to start it on (None without a dashboard). Call it right
+    before ``ray.init`` starts a new local Ray.
 
-    Without it, Ray Train's placement-group cleaner finds "the" cluster by scanning the host: with several Ray
-    instances on one machine (two jobs on a laptop, a benchmark beside the tests) it can ask another cluster about
-    its controller, hear "no such actor", and remove the placement group of a healthy training run (seen here: a run
-    killed mid-stage with "Destroying worker since its placement group was removed").
+    Ray Train's placement-group cleaner asks the State API whether a run's controller is still alive. Left to find
+    "the" cluster itself, it scans the host, and with several Ray instances on one machine (two jobs on a laptop, a
+    benchmark beside the tests) it can ask another cluster, hear "no such actor", and remove the placement group of a
+    healthy run (seen here: a run killed mid-stage with "Destroying worker since its placement group was removed").
+    Without a dashboard there is no State API of our own: the address then names a loopback port nothing listens on
+    (port 1 needs root to bind), so the cleaner only fails to connect and never frees another run's group; what it
+    would have freed (the workers' group of a Tune trial that ended) stays reserved until that Ray stops.
     """
-    os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # an address inherited from a parent process names its Ray
     if not include_dashboard:
+        os.environ["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:1"
         return None
     port = free_loopback_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"

@@ -139,7 +139,10 @@ def init_ray(profile: Profile, num_cpus: int | None = None) -> Any:
     import ray
     import ray.data
 
+    from robustfm.runtime import own_state_api_address
+
     started = time.perf_counter()
+    own_state_api_address(include_dashboard=False)  # Ray Train's cleaner must not ask another Ray on this host
     ray.init(
         address="local",
         num_cpus=num_cpus or (os.cpu_count() if profile.gpu else 2),

@@ -18,7 +18,8 @@ class SourceConfig:
 
     kind: str = "image_folder"
     """A name from ``robustfm.data.SOURCES``: ``coco`` (train2017/ + annotations/), ``imagenet`` (train/<wnid>/,
-    val/), ``image_folder`` (<class>/<image>, optionally under <split>/)."""
+    val/), ``image_folder`` (<class>/<image>, optionally under <split>/); 2AFC triplets: ``nights`` (data.csv, ref/,
+    distort/), ``bapps`` (2afc/<split>/<subset>/{ref,p0,p1,judge}/)."""
     root: str = ""
     """Local directory or ``s3://bucket/prefix`` holding the tree."""
     splits: tuple[str, ...] = ()

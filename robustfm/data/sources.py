@@ -14,6 +14,8 @@
   names are the first name in ``LOC_synset_mapping.txt`` / ``synset_words.txt`` when present, else the wnid.
 - ``image_folder``: ``<root>/<class>/<image>`` (one split, "train"), or ``<root>/<split>/<class>/<image>`` when
   every folder of the root is a split name (train, val, validation, test). Labels index the sorted class names.
+- ``nights``, ``bapps``: 2AFC triplets (a reference and two candidates with the human judgement), see
+  :mod:`robustfm.data.sources_2afc`.
 
 Hidden files (``.DS_Store``) are ignored; every other file becomes an item, so non-images are reported as
 skipped by the converter instead of vanishing.
@@ -324,3 +326,14 @@ def list_image_folder(location: Location, splits: Sequence[str] = ()) -> SourceL
     for split, entries in per_split.items():
         listing.splits[split] = [SourceItem(rel, rel, label_of[c], c) for rel, c in entries]
     return listing
+
+
+# 2AFC triplets (perceptual similarity), in their own module: a row there is a reference and two candidates.
+SOURCES.register_lazy(
+    "nights",
+    "robustfm.data.sources_2afc:list_nights",
+    expected="<root>/data.csv (id, right_vote, ref_path, left_path, right_path, split, is_imagenet, votes)",
+)
+SOURCES.register_lazy(
+    "bapps", "robustfm.data.sources_2afc:list_bapps", expected="<root>/2afc/<split>/<subset>/{ref,p0,p1,judge}/"
+)

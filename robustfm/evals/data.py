@@ -27,7 +27,8 @@ BAD_IMAGE_BYTES = b"this is not an image file"
 
 
 def synthetic_rows(data: EvalDataConfig, seed: int) -> list[dict[str, Any]]:
-    """Deterministic rows of smooth random images (PNG bytes), labels, class names and 5 captions each.
+    """Deterministic rows of smooth random images (PNG bytes), labels, class names, 5 captions each and 2AFC columns
+    (``left``, ``right``, ``p_right``: a near copy of the image and another image).
 
     Args:
         data: how many rows, classes and pixels.
@@ -54,8 +55,28 @@ def synthetic_rows(data: EvalDataConfig, seed: int) -> list[dict[str, Any]]:
             f"a {_COLORS[int(rng.integers(len(_COLORS)))]} {class_name} {_PLACES[int(rng.integers(len(_PLACES)))]}"
             for _ in range(5)
         ]
-        rows.append({"id": sample_id, "image": encoded, "label": label, "class_name": class_name, "captions": captions})
+        row = {"id": sample_id, "image": encoded, "label": label, "class_name": class_name, "captions": captions}
+        rows.append({**row, **_synthetic_triplet(image, size, rng)})
     return rows
+
+
+def _synthetic_triplet(image: Any, size: int, rng: np.random.Generator) -> dict[str, Any]:
+    """2AFC columns for a synthetic row: a near copy of its image (8 % brighter) and another random image, on a
+    side drawn at random; ``p_right`` = 1 when the near copy is on the right (the judges' unanimous choice)."""
+    from PIL import Image, ImageEnhance
+
+    coarse = rng.integers(0, 256, size=(max(2, size // 8), max(2, size // 8), 3), dtype=np.uint8)
+    other = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
+    near = ImageEnhance.Brightness(image).enhance(1.08)
+    near_right = bool(rng.integers(0, 2))
+    left, right = (other, near) if near_right else (near, other)
+    return {"left": _png(left), "right": _png(right), "p_right": float(near_right)}
+
+
+def _png(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def load_eval_dataset(data: EvalDataConfig, seed: int, columns: Sequence[str], reader: str = "this suite") -> Any:

@@ -183,3 +183,19 @@ def mean_confidence_interval(values: Sequence[float], level: float = 0.95) -> tu
         return mean, mean, mean
     half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
     return mean, mean - half, mean + half
+
+
+def two_afc_correct(cos_left: np.ndarray, cos_right: np.ndarray, p_right: np.ndarray) -> np.ndarray:
+    """Per 2AFC triplet, whether the model's pick agrees with the binarized human label (bool array).
+
+    The model picks right iff ``cos_right > cos_left`` (a tie picks left, as perceptual-metrics decides); the label
+    is right iff ``p_right > 0.5`` (an even split counts as left).
+    """
+    return (np.asarray(cos_right) > np.asarray(cos_left)) == (np.asarray(p_right) > 0.5)
+
+
+def two_afc_soft_score(d_left: np.ndarray, d_right: np.ndarray, p_right: np.ndarray) -> np.ndarray:
+    """Per 2AFC triplet, the share of judges the model agrees with (LPIPS' and DreamSim's score), from distances:
+    ``(d_left < d_right)(1 - p) + (d_right < d_left) p + 0.5 [d_left == d_right]``."""
+    d_left, d_right, p = (np.asarray(v, dtype=np.float64) for v in (d_left, d_right, p_right))
+    return (d_left < d_right) * (1 - p) + (d_right < d_left) * p + 0.5 * (d_left == d_right)

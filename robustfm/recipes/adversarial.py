@@ -8,6 +8,7 @@ touches the global RNG for its attacks).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from robustfm.recipes import kit
 from robustfm.seeding import sample_seed
 
 EMBEDDING_COSINE = "embedding_robustness/mean/mean_cosine"
+logger = logging.getLogger("robustfm")
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,28 @@ def eval_settings(cfg: Any, run: kit.RecipeRun) -> Any:
 
     from robustfm.recipes.milestones import with_eval_data
 
-    settings = with_eval_data(cfg.eval.settings, cfg.data.shards, cfg.data.eval_split, None)
+    settings = with_demo_two_afc(cfg, cfg.eval.settings, run)
+    settings = with_eval_data(settings, cfg.data.shards, cfg.data.eval_split, None)
     return dataclasses.replace(settings, output_dir=str(run.out / "eval"))
+
+
+def with_demo_two_afc(cfg: Any, settings: Any, run: kit.RecipeRun) -> Any:
+    """``settings`` with the demo 2AFC triplets (NIGHTS layout, ``test`` split) as the ``two_afc`` suite's data when
+    the milestones run it and ``eval.settings.suites.two_afc.data.shards`` is null (the training images have no
+    triplets, so null cannot mean "the recipe's evaluation split" here). Built once under
+    ``<output_dir>/<name>/demo_data/two_afc``; the suite's protocol records that path as its data."""
+    if "two_afc" not in cfg.eval.suites or settings.suites["two_afc"].data.shards is not None:
+        return settings
+    logger.warning(
+        "2AFC milestones score the demo triplets (near copies of demo pictures): eval.settings.suites.two_afc.data."
+        "shards is null; point it at NIGHTS or BAPPS shards from jobs/prepare_data.py to measure perceptual similarity"
+    )
+    from robustfm.config import replace_paths
+    from robustfm.data.demo_two_afc import write_demo_two_afc
+
+    out = Path(cfg.output_dir).resolve() / cfg.name / "demo_data" / "two_afc"
+    shards = write_demo_two_afc(out, image_size=max(64, cfg.data.image_size), seed=cfg.seed)
+    return replace_paths(settings, {"suites.two_afc.data.shards": str(shards), "suites.two_afc.data.split": "test"})
 
 
 def milestone_evaluation(cfg: Any, settings: Any) -> Callable[[str, Any], kit.Evaluation]:
@@ -111,6 +133,19 @@ def attack_columns(cfg: Any) -> dict[str, str]:
     return columns
 
 
+def two_afc_columns(cfg: Any) -> dict[str, str]:
+    """Report column -> milestone metric of the 2AFC accuracy (all triplets pooled), clean and per threat."""
+    if "two_afc" not in cfg.eval.suites:
+        return {}
+    from robustfm.evals.suites.two_afc import threat_condition
+
+    columns = {"2AFC accuracy": "two_afc/clean/all/accuracy"}
+    for threat in cfg.eval.settings.suites["two_afc"].threats:
+        label = f"2AFC robust {threat.norm} {_eps_text(threat.eps, threat.norm)}"
+        columns[label] = f"two_afc/{threat_condition(threat)}/all/robust_accuracy"
+    return columns
+
+
 def _eps_text(eps: float, norm: str) -> str:
     in_255ths = eps * 255
     return f"{in_255ths:g}/255" if norm == "linf" and abs(in_255ths - round(in_255ths)) < 1e-6 else f"{eps:g}"
@@ -118,7 +153,7 @@ def _eps_text(eps: float, norm: str) -> str:
 
 def milestone_table(milestones: Mapping[str, Mapping[str, float]], cfg: Any) -> str:
     """Per milestone: zero-shot top-1 clean (and its retention), on the attacked subset, robust top-1 per attack
-    condition, and the embedding robustness to everyday edits (mean cosine)."""
+    condition, the embedding robustness to everyday edits (mean cosine) and 2AFC accuracy clean and attacked."""
     from robustfm.recipes.milestones import markdown_table
 
     base = milestones.get("pretrained", {}).get(kit.ZERO_SHOT_TOP1)
@@ -133,6 +168,7 @@ def milestone_table(milestones: Mapping[str, Mapping[str, float]], cfg: Any) -> 
         }
         row.update({label: metrics.get(key, float("nan")) for label, key in attack_columns(cfg).items()})
         row["edit mean cosine"] = metrics.get(EMBEDDING_COSINE, float("nan"))
+        row.update({label: metrics.get(key, float("nan")) for label, key in two_afc_columns(cfg).items()})
         rows.append(row)
     return markdown_table(rows)
 

@@ -47,8 +47,9 @@ class AdversarialDataConfig:
 
 
 def adversarial_milestones() -> MilestoneEvalConfig:
-    """Zero-shot accuracy clean and under APGD (the headline) and embedding robustness, at every milestone."""
-    return MilestoneEvalConfig(suites=("zero_shot", "embedding_robustness"), tsne=False)
+    """Zero-shot accuracy clean and under APGD (the headline), embedding robustness and 2AFC perceptual similarity
+    clean and with the reference attacked (paper 003's R-CLIP metrics), at every milestone."""
+    return MilestoneEvalConfig(suites=("zero_shot", "embedding_robustness", "two_afc"), tsne=False)
 
 
 @dataclass(frozen=True)

@@ -153,3 +153,21 @@ def test_s3_run_storage_is_resumed_by_a_second_fit(ddp_run, s3_bucket):
     resumed = fit(cfg, build_tiny_task, SOURCE, run_name="on-s3")
     assert resumed.checkpoint_path == "s3://runs/engine/on-s3/checkpoint_step_000000012"
     _assert_states_equal(resumed.load_state_dict(), ddp_run.load_state_dict())
+
+
+def test_the_session_ray_answers_state_api_queries_about_its_own_actors(ray_session):
+    """Ray Train's placement-group cleaner asks the State API about its controller: it must reach this Ray."""
+    from ray.util.state import list_actors
+
+    @ray_session.remote(num_cpus=0)
+    class Beacon:
+        def ping(self) -> str:
+            return "here"
+
+    beacon = Beacon.options(name="state-api-beacon").remote()
+    try:
+        assert ray_session.get(beacon.ping.remote()) == "here"
+        names = {actor.name for actor in list_actors(filters=[("state", "=", "ALIVE")])}
+        assert "state-api-beacon" in names
+    finally:
+        ray_session.kill(beacon)

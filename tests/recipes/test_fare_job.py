@@ -33,6 +33,8 @@ def fare_overrides(out: Path, shards: str, **extra: str) -> list[str]:
         "eval.settings.suites.embedding_robustness.data.max_samples": "4",
         "eval.settings.suites.embedding_robustness.perturbations": "[brightness]",
         "eval.settings.suites.embedding_robustness.steps": "2",
+        "eval.settings.suites.two_afc.attack_steps": "2",
+        "eval.settings.suites.two_afc.attack_samples": "2",
         "export.wise_ft_alphas": "[]",
     }
     overrides.update(extra)
@@ -73,7 +75,16 @@ def test_fare_runs_resumes_and_exports_a_model_open_clip_loads(demo_shards, tmp_
     assert "FARE (paper 003) finished." in second.stdout
     for where in ("exported model (open_clip layout)", "table", "milestone evaluations", "MLflow: mlflow ui"):
         assert where in second.stdout
-    assert "robust top-1 apgd_ce linf 8/255" in (out / "robustness_table.md").read_text()
+    table = (out / "robustness_table.md").read_text()
+    for column in ("robust top-1 apgd_ce linf 8/255", "2AFC robust linf 8/255", "2AFC robust l2 3"):
+        assert column in table
+    # 2AFC at every milestone, on the demo triplets (near copies are found), 2 triplets per subset attacked.
+    for metrics in milestones.values():
+        robust = metrics[f"two_afc/apgd_linf:{8 / 255:g}/all/robust_accuracy"]
+        assert 0 <= robust <= 1 and metrics["two_afc/clean/all/accuracy"] >= 0.75
+    two_afc = json.loads(next((out / "eval").rglob("two_afc/protocol.json")).read_text())
+    assert "demo_data/two_afc/shards" in two_afc["data"]["source"] and two_afc["data"]["split"] == "test"
+    assert two_afc["params"]["resolved"]["attack_subset"]["num_samples"] == 4
     protocol = json.loads(next((out / "eval").rglob("zero_shot/protocol.json")).read_text())
     assert protocol["suite"]["version"] == "2" and protocol["params"]["resolved"]["attack_subset"]["num_samples"] == 6
 

@@ -28,8 +28,8 @@ def test_import_is_light():
     assert done.stdout.strip() == "[]"
 
 
-def test_registry_lists_the_four_suites_and_each_declares_directions():
-    assert SUITES.names() == ["corruption_detection", "embedding_robustness", "retrieval", "zero_shot"]
+def test_registry_lists_the_shipped_suites_and_each_declares_directions():
+    assert SUITES.names() == ["corruption_detection", "embedding_robustness", "retrieval", "two_afc", "zero_shot"]
     for name in SUITES.names():
         suite_class = SUITES.get(name)
         assert suite_class.name == name and suite_class.version
