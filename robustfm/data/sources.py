@@ -16,6 +16,8 @@
   every folder of the root is a split name (train, val, validation, test). Labels index the sorted class names.
 - ``nights``, ``bapps``: 2AFC triplets (a reference and two candidates with the human judgement), see
   :mod:`robustfm.data.sources_2afc`.
+- ``revisitop``: Revisited Oxford / Paris (``jpg/`` + ``gnd_<name>.pkl``), splits ``database`` and ``query``, see
+  :mod:`robustfm.data.sources_retrieval`.
 
 Hidden files (``.DS_Store``) are ignored; every other file becomes an item, so non-images are reported as
 skipped by the converter instead of vanishing.
@@ -336,4 +338,9 @@ SOURCES.register_lazy(
 )
 SOURCES.register_lazy(
     "bapps", "robustfm.data.sources_2afc:list_bapps", expected="<root>/2afc/<split>/<subset>/{ref,p0,p1,judge}/"
+)
+SOURCES.register_lazy(
+    "revisitop",
+    "robustfm.data.sources_retrieval:list_revisitop",
+    expected="<root>/jpg/<image>.jpg and <root>/gnd_<name>.pkl (Revisited Oxford / Paris)",
 )

@@ -124,6 +124,35 @@ def recall_at_k(similarity: np.ndarray, relevant: np.ndarray, ks: Sequence[int])
     return {k: float(np.mean(first_hit < k)) for k in ks}
 
 
+def revisited_average_precision(ranking: Sequence[int], positives: Sequence[int], junk: Sequence[int]) -> float:
+    """Average precision of one query by the Revisited Oxford/Paris rules (Radenovic et al. 2018), not sklearn's.
+
+    Junk images are taken out of the ranking (each positive moves up by the number of junk images above it); then
+    every positive at 0-based rank r, the j-th positive found, adds the trapezoid between the precisions j/r
+    (1 at r = 0) and (j+1)/(r+1), times the recall step 1/len(positives).
+
+    Args:
+        ranking: database indices, most similar first (every database image once).
+        positives: the query's relevant database indices (Medium: easy + hard; Hard: hard).
+        junk: indices that count neither way (Medium: junk; Hard: junk + easy).
+
+    Returns:
+        AP in [0, 1]; NaN for a query without positives (the protocol skips those).
+    """
+    if len(positives) == 0:
+        return float("nan")
+    ranking = np.asarray(ranking)
+    positive_ranks = np.flatnonzero(np.isin(ranking, np.asarray(positives)))
+    junk_ranks = np.flatnonzero(np.isin(ranking, np.asarray(junk)))
+    shifted = positive_ranks - np.searchsorted(junk_ranks, positive_ranks)  # junk above each positive removed
+    ap = 0.0
+    for j, rank in enumerate(shifted):
+        before = 1.0 if rank == 0 else j / rank
+        at = (j + 1) / (rank + 1)
+        ap += (before + at) / (2 * len(positives))
+    return float(ap)
+
+
 # --- embedding robustness (paper 004) -----------------------------------------------------------------------------
 
 

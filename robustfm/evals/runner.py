@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 import shutil
 import time
@@ -32,6 +33,8 @@ from robustfm.evals.model_ref import ModelRef, parse_model_ref
 from robustfm.evals.protocol import build_protocol
 from robustfm.evals.suite import Plot, Suite
 from robustfm.tracking.base import NullTracker
+
+logger = logging.getLogger("robustfm")
 
 
 @dataclass
@@ -232,8 +235,21 @@ def run_suites(
         model_ref = parse_model_ref(model_or_ref)
     else:
         model_ref = ModelRef.from_module(model_or_ref)
-    names = SUITES.names() if list(suites) == ["all"] else [SUITES.check(s) for s in suites]
+    names = runnable_suites(cfg) if list(suites) == ["all"] else [SUITES.check(s) for s in suites]
     return [run_suite(name, model_ref, cfg, tracker, parent_run_id, stage=stage) for name in names]
+
+
+def runnable_suites(cfg: EvalConfig) -> list[str]:
+    """What ``all`` means: every registered suite, except those that need shards while theirs are unset (logged)."""
+    from robustfm.evals import SUITES
+
+    names, left_out = [], []
+    for name in SUITES.names():
+        unset = SUITES.get(name).needs_shards and cfg.suites[name].data.shards is None
+        (left_out if unset else names).append(name)
+    if left_out:
+        logger.info("--suite all leaves out %s: set eval.suites.<name>.data.shards to run them", ", ".join(left_out))
+    return names
 
 
 # --- artifacts and tracking ----------------------------------------------------------------------------------------

@@ -70,6 +70,9 @@ class Suite(ABC):
     """Output columns that order the scored rows before aggregation (results never depend on batch order)."""
     metric_specs: ClassVar[tuple[MetricSpec, ...]]
     """Every metric family this suite reports, with its direction and definition."""
+    needs_shards: ClassVar[bool] = False
+    """True when the suite has no synthetic data (its data must come from shards, e.g. a retrieval benchmark with its
+    own ground truth): ``--suite all`` leaves it out while its ``data.shards`` is unset."""
 
     def __init__(self, cfg: EvalConfig) -> None:
         self.cfg = cfg

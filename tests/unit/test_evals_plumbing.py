@@ -29,7 +29,8 @@ def test_import_is_light():
 
 
 def test_registry_lists_the_shipped_suites_and_each_declares_directions():
-    assert SUITES.names() == ["corruption_detection", "embedding_robustness", "retrieval", "two_afc", "zero_shot"]
+    shipped = ["corruption_detection", "embedding_robustness", "landmark_retrieval", "retrieval", "two_afc", "zero_shot"]
+    assert SUITES.names() == shipped
     for name in SUITES.names():
         suite_class = SUITES.get(name)
         assert suite_class.name == name and suite_class.version
