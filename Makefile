@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: env
 	$(PY) jobs/cgclip.py --config configs/cgclip/demo.yaml
 
+# Two workers: most of the suite waits on Ray start-up and subprocess jobs, so two share the two cores of CI well.
+# Work-stealing balances the long end-to-end tests; each worker starts its own session Ray (tests/conftest.py).
 test: env
-	$(PY) -m pytest tests --durations=25
+	$(PY) -m pytest tests -n 2 --dist worksteal --durations=25
 
 lint: env
 	$(VENV)/bin/ruff check robustfm jobs tests benchmarks
