@@ -51,3 +51,23 @@ def make_revisitop_tree(
     ground_truth = {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
     (root / f"gnd_{name}.pkl").write_bytes(pickle.dumps(ground_truth, protocol=2))
     return RevisitopTree(root, ground_truth)
+
+
+def make_safety_folder(root: Path, per_class: int = 10, size: int = 48, seed: int = 0, buffer: bool = False) -> Path:
+    """An ``image_folder`` of ``safe/`` (near copies of two real photos), ``unsafe/`` (near copies of one generated
+    shape picture) and optionally ``buffer/`` (plain gradients): classes a random network tells apart by their looks."""
+    from robustfm.data.demo_images import generated_image, real_photos
+
+    rng = np.random.default_rng(seed)
+    photos = list(real_photos(size).values())
+    sources = {
+        "safe": lambda k: photos[k % 2],
+        "unsafe": lambda k: generated_image(0, size, seed),
+    }
+    if buffer:
+        ramp = np.linspace(0, 255, size, dtype=np.float32)
+        sources["buffer"] = lambda k: np.stack([np.tile(ramp, (size, 1))] * 3, axis=-1).astype(np.uint8) // (1 + k % 3)
+    for name, picture in sources.items():
+        for k in range(per_class):
+            save_image(near_copy(picture(k), rng), root / name / f"{name}_{k:03d}.png")
+    return root
