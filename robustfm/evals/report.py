@@ -76,6 +76,7 @@ def _suite_section(result: SuiteResult, other: SuiteResult | None, out_dir: Path
         "",
     ]
     comparable = other is not None and other.protocol["fingerprint"] == protocol["fingerprint"]
+    lines += _summary_table(result, other if comparable else None)
     if other is not None and not comparable:
         lines += [
             f"**Not compared**: B's protocol `{other.protocol['fingerprint']}` differs from A's "
@@ -107,6 +108,20 @@ def _suite_section(result: SuiteResult, other: SuiteResult | None, out_dir: Path
         render_plot(versions, out_dir / relative)
         lines += [f"![{plot.title}]({relative.as_posix()})", ""]
     return lines
+
+
+def _summary_table(result: SuiteResult, other: SuiteResult | None) -> list[str]:
+    """The suite's headline table, one row per model (its ``summary_columns``); nothing for suites without one."""
+    from robustfm.evals import SUITES
+
+    columns = SUITES.get(result.suite).summary_columns(result.params or {})
+    if not columns:
+        return []
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for model in (result, *([other] if other is not None else [])):
+        values = [_fmt(model.metrics.get(key, float("nan"))) for key in columns.values()]
+        lines.append(f"| `{model.model}` | " + " | ".join(values) + " |")
+    return [*lines, ""]
 
 
 def log_report_card(path: Path, tracker: Any, parent_run_id: str | None = None, run_name: str = "eval/report") -> str:

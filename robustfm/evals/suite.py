@@ -105,6 +105,12 @@ class Suite(ABC):
         section = {k: v for k, v in to_dict(self.section).items() if k != "data"}
         return {"config": section, "resolved": to_dict(dict(params))}
 
+    @classmethod
+    def summary_columns(cls, params: Mapping[str, Any]) -> dict[str, str]:
+        """Column label -> metric key of the suite's headline table in the report card (one row per model, the
+        shape of a paper's table, e.g. 2AFC accuracy clean, Linf, L2). Default: none."""
+        return {}
+
     @abstractmethod
     def aggregate(self, rows: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> SuiteOutput:
         """Metrics, table and plots from the scored rows (status ``ok`` only, sorted by :attr:`sort_keys`)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from robustfm.config.core import to_dict
 from robustfm.evals.config import EvaluateJobConfig
 from robustfm.evals.model_ref import parse_model_ref
-from robustfm.evals.runner import SuiteResult, run_suites, safe_name, summarize
+from robustfm.evals.runner import SuiteResult, run_suites, runnable_suites, safe_name, summarize
 
 
 @dataclass
@@ -48,7 +48,7 @@ def evaluate(
 
     model_a = parse_model_ref(model)
     model_b = parse_model_ref(compare_with) if compare_with else None
-    names = SUITES.names() if list(suites) == ["all"] else [SUITES.check(s) for s in suites]
+    names = runnable_suites(cfg.eval) if list(suites) == ["all"] else [SUITES.check(s) for s in suites]
     ensure_ray(cfg)
     tracker = create_tracker(cfg.tracking)
     try:

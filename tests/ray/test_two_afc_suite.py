@@ -118,3 +118,5 @@ def test_bapps_soft_score_and_the_evaluate_job(ray_session, tmp_path):
     assert job.main(argv) == 0
     tables = list((tmp_path / "job").rglob("two_afc*/table.csv"))
     assert len(tables) == 1 and "apgd_l2:3" in tables[0].read_text()
+    (report,) = (tmp_path / "job" / "report").glob("*/report.md")
+    assert "| model | 2AFC clean | 2AFC linf 0.01569 | 2AFC l2 3 |" in report.read_text()  # paper 003 Table I's shape

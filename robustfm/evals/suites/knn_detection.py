@@ -223,6 +223,13 @@ class KnnDetectionSuite(Suite):
             "neighbour_search": "numpy matrix product of normalized embeddings, stable sort",
         }
 
+    @classmethod
+    def summary_columns(cls, params: Mapping[str, Any]) -> dict[str, str]:
+        """Where the unsafe queries land (their detection rate), clean and under each attack radius."""
+        unsafe = params.get("unsafe_class", "unsafe")
+        names = [CLEAN, *(condition_name("apgd_targeted_set_linf", e) for e in params.get("attack_eps", []))]
+        return {f"unsafe detected, {name}": f"{name}/{unsafe}/{unsafe}" for name in names}
+
     def protocol_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The base record with each role's ids as a count and a SHA-256 (not the ids, not the target bytes)."""
         from robustfm.evals.data import ids_hash

@@ -191,6 +191,12 @@ class LandmarkRetrievalSuite(Suite):
             "neighbour_search": "numpy matrix product of normalized embeddings, stable sort",
         }
 
+    @classmethod
+    def summary_columns(cls, params: Mapping[str, Any]) -> dict[str, str]:
+        """mAP Medium and Hard, clean and under each attack radius."""
+        names = [CLEAN, *(condition_name("apgd_cosine_away_linf", e) for e in params.get("attack_eps", []))]
+        return {f"{protocol} {name}": f"{name}/{protocol}/map" for name in names for protocol in PROTOCOLS}
+
     def protocol_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The base record without the image lists and ground truth (their sizes and a hash instead)."""
         import hashlib

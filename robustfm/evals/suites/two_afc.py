@@ -285,6 +285,15 @@ class TwoAFCSuite(Suite):
             "preprocessing": PREPROCESSING,
         }
 
+    @classmethod
+    def summary_columns(cls, params: Mapping[str, Any]) -> dict[str, str]:
+        """Paper 003 Table I's shape: accuracy clean and under each threat, all triplets pooled."""
+        columns = {"2AFC clean": f"{CLEAN}/all/accuracy"}
+        for threat in params.get("threats", []):
+            name = condition_name(f"apgd_{threat['norm']}", threat["eps"])
+            columns[f"2AFC {threat['norm']} {threat['eps']:.4g}"] = f"{name}/all/robust_accuracy"
+        return columns
+
     def protocol_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The base record, with the attacked triplets as their count and the SHA-256 of their ids."""
         from robustfm.evals.data import ids_hash
