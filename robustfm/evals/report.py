@@ -114,6 +114,8 @@ def _summary_table(result: SuiteResult, other: SuiteResult | None) -> list[str]:
     """The suite's headline table, one row per model (its ``summary_columns``); nothing for suites without one."""
     from robustfm.evals import SUITES
 
+    if result.suite not in SUITES:  # a result of a suite this process does not have: its metrics still show below
+        return []
     columns = SUITES.get(result.suite).summary_columns(result.params or {})
     if not columns:
         return []
