@@ -214,13 +214,13 @@ def mean_confidence_interval(values: Sequence[float], level: float = 0.95) -> tu
     return mean, mean - half, mean + half
 
 
-def two_afc_correct(cos_left: np.ndarray, cos_right: np.ndarray, p_right: np.ndarray) -> np.ndarray:
+def two_afc_correct(sim_left: np.ndarray, sim_right: np.ndarray, p_right: np.ndarray) -> np.ndarray:
     """Per 2AFC triplet, whether the model's pick agrees with the binarized human label (bool array).
 
-    The model picks right iff ``cos_right > cos_left`` (a tie picks left, as perceptual-metrics decides); the label
-    is right iff ``p_right > 0.5`` (an even split counts as left).
+    The model picks right iff ``sim_right > sim_left`` (similarities: cosines, or minus distances; a tie picks left,
+    as perceptual-metrics decides); the label is right iff ``p_right > 0.5`` (an even split counts as left).
     """
-    return (np.asarray(cos_right) > np.asarray(cos_left)) == (np.asarray(p_right) > 0.5)
+    return (np.asarray(sim_right) > np.asarray(sim_left)) == (np.asarray(p_right) > 0.5)
 
 
 def two_afc_soft_score(d_left: np.ndarray, d_right: np.ndarray, p_right: np.ndarray) -> np.ndarray:

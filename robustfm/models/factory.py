@@ -34,6 +34,13 @@ MODELS.register_lazy(
     returns="TimmClassifier",
     library="timm",
 )
+MODELS.register_lazy(
+    "lpips",
+    "robustfm.models.lpips_metric:build_lpips",
+    tiny=(),
+    returns="LpipsMetric",
+    library="lpips",
+)
 
 #: Every tiny ViT of every family, as full names (``open_clip/tiny-vit``, ``timm/tiny-vit``); token and attention
 #: tests iterate these.

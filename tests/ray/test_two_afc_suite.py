@@ -62,7 +62,7 @@ def test_nights_clean_and_attacked_with_two_actors(ray_session, tmp_path):
     assert {int(v) for v in rows["p_right"][clean]} == {0, 1}
     assert metrics["clean/all/accuracy"] >= 0.85
     # The reported numbers are those of the scored rows, computed here without the suite's code.
-    picks_right = rows["cos_right"][clean] > rows["cos_left"][clean]
+    picks_right = rows["sim_right"][clean] > rows["sim_left"][clean]
     by_hand = picks_right == (rows["p_right"][clean] > 0.5)
     assert metrics["clean/all/accuracy"] == pytest.approx(by_hand.mean())
     subsets = rows["subset"][clean]
@@ -100,11 +100,20 @@ def test_bapps_soft_score_and_the_evaluate_job(ray_session, tmp_path):
     result = run_suite("two_afc", "open_clip/tiny-vit", _eval_config(shards, "val", tmp_path / "e", []), keep_rows=True)
     rows, metrics = result.rows, result.metrics
     assert result.counts["scored"] == 10 and set(rows["condition"]) == {"clean"}
-    d_left, d_right, p = 1 - rows["cos_left"], 1 - rows["cos_right"], rows["p_right"]
+    d_left, d_right, p = 1 - rows["sim_left"], 1 - rows["sim_right"], rows["p_right"]
     soft = np.where(d_left < d_right, 1 - p, np.where(d_right < d_left, p, 0.5))
     assert metrics["clean/all/soft_score"] == pytest.approx(soft.mean())
     for subset in ("cnn", "traditional"):
         assert metrics[f"clean/{subset}/soft_score"] == pytest.approx(soft[rows["subset"] == subset].mean())
+
+    # LPIPS (random trunk offline, its shipped heads) as the 2AFC metric, clean and with the reference attacked.
+    lpips_cfg = _eval_config(shards, "val", tmp_path / "l", [("linf", 8 / 255)], samples=2)
+    by_lpips = run_suite("two_afc", "lpips/alex", lpips_cfg, keep_rows=True)
+    clean = by_lpips.rows["condition"] == "clean"
+    assert by_lpips.counts["scored"] == 10 and bool((by_lpips.rows["sim_left"][clean] <= 0).all())  # minus distances
+    attacked = by_lpips.rows["condition"] == f"apgd_linf:{8 / 255:g}"
+    assert attacked.sum() == 4 and 0 <= by_lpips.metrics[f"apgd_linf:{8 / 255:g}/all/robust_accuracy"] <= 1
+    assert by_lpips.protocol["model"]["name"] == "lpips/alex"
 
     spec = importlib.util.spec_from_file_location("evaluate_job", "jobs/evaluate.py")
     job = importlib.util.module_from_spec(spec)

@@ -60,7 +60,7 @@ def hooked_patch_tokens(model, pixels, block):
 
 
 def test_families_and_tiny_models_are_registered():
-    assert MODELS.names() == ["open_clip", "timm"]
+    assert MODELS.names() == ["lpips", "open_clip", "timm"]
     assert set(TINY_MODELS) == {"open_clip/tiny-vit", "timm/tiny-vit"}
     # The registry's listing (no imports) agrees with what each family's builder actually registers.
     from robustfm.models.clip import TINY_CLIP_ARCHS

@@ -161,3 +161,29 @@ def test_the_attack_moves_the_reference_only_and_stays_in_its_ball(norm, eps):
     size = delta.abs().amax(dim=1) if norm == "linf" else delta.norm(dim=1)
     assert bool((size <= eps + 1e-6).all()) and bool((size > 0).any())
     assert float(result.x_adv.min()) >= 0 and float(result.x_adv.max()) <= 1
+
+
+def test_lpips_is_a_distance_with_its_shipped_heads_and_refuses_to_embed():
+    import torch
+
+    from robustfm.evals.model_ref import parse_model_ref
+    from robustfm.models import create_model
+
+    torch.manual_seed(0)
+    metric = create_model("lpips/alex")
+    assert metric.image_size == 64 and create_model("lpips/vgg:96").image_size == 96
+    a = torch.rand(3, 3, 64, 64)
+    near = (a + 0.02 * torch.randn_like(a)).clamp(0, 1)
+    far = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(metric.pair_distance(a, a), torch.zeros(3))
+        assert bool((metric.pair_distance(a, near) < metric.pair_distance(a, far)).all())
+    import lpips
+
+    heads = torch.load(f"{lpips.__path__[0]}/weights/v0.1/alex.pth", map_location="cpu", weights_only=True)
+    assert torch.equal(metric.metric.state_dict()["lin0.model.1.weight"], heads["lin0.model.1.weight"])
+    with pytest.raises(TypeError, match="lpips/alex is a distance between two images"):
+        metric.encode_image(a)
+    assert parse_model_ref("lpips/alex").label == "lpips/alex"
+    with pytest.raises(KeyError, match="did you mean 'alex'"):
+        create_model("lpips/alx")

@@ -36,7 +36,7 @@ from robustfm.evals.metrics import MetricSpec, MetricTable, mean_of, two_afc_cor
 from robustfm.evals.suite import Plot, Suite, SuiteOutput, condition_name
 
 CLEAN = "clean"
-TIE_RULE = "cos_right > cos_left decides right; a tie decides left; label = p_right > 0.5"
+TIE_RULE = "sim_right > sim_left decides right; a tie decides left; label = p_right > 0.5"
 PREPROCESSING = "shorter side resized to the model's image size (bicubic), centre crop; candidates likewise"
 
 
@@ -86,15 +86,19 @@ def threat_condition(threat: Threat) -> str:
 
 
 class TwoAFCScorer(ScoringActor):
-    """The cosines of the reference to both candidates, clean (and, in the subclass, at the attacked reference)."""
+    """The similarities of the reference to both candidates, clean (and, in the subclass, at the attacked reference).
+
+    Similarity is the cosine of image embeddings, or minus the distance for a model that is a distance between two
+    images (``pair_distance``: LPIPS); both decide and score the same way (the larger similarity is the closer one).
+    """
 
     def output_fields(self) -> dict[str, FieldSpec]:
         return {
             "condition": (object, ()),
             "subset": (object, ()),
             "p_right": (np.float64, ()),
-            "cos_left": (np.float64, ()),
-            "cos_right": (np.float64, ()),
+            "sim_left": (np.float64, ()),
+            "sim_right": (np.float64, ()),
             "correct": (np.int8, ()),
             "attack_failed": (np.int8, ()),
             "zero_gradient": (np.int8, ()),
@@ -115,28 +119,36 @@ class TwoAFCScorer(ScoringActor):
         if not good:
             return rows
         device = pixels.device
-        keep = torch.tensor(good, device=device)
         left_rows = [sum(1 for r in left_bad[:i] if r is None) for i in good]  # decoded arrays skip bad rows
         right_rows = [sum(1 for r in right_bad[:i] if r is None) for i in good]
-        with torch.no_grad():
-            left_emb = self.model.encode_image(torch.from_numpy(left[left_rows]).to(device)).float()
-            right_emb = self.model.encode_image(torch.from_numpy(right[right_rows]).to(device)).float()
-            reference = pixels[keep]
-            clean = self.model.encode_image(reference).float()
         triplets = _Triplets(
+            self.model,
             [ids[i] for i in good],
             [str(batch["class_name"][i]) for i in good],
             [float(batch["p_right"][i]) for i in good],
-            left_emb,
-            right_emb,
+            *_candidates(self.model, torch.from_numpy(left[left_rows]), torch.from_numpy(right[right_rows]), device),
         )
-        rows += triplets.rows(CLEAN, clean)
+        reference = pixels[torch.tensor(good, device=device)]
+        with torch.no_grad():
+            rows += triplets.rows(CLEAN, reference)
         rows += self.attack(triplets, reference)
         return rows
 
     def attack(self, triplets: _Triplets, reference: Any) -> list[dict[str, Any]]:
         """Rows of the attack conditions (none without threats)."""
         return []
+
+
+def _candidates(model: Any, left: Any, right: Any, device: Any) -> tuple[Any, Any]:
+    """What the similarity needs of the candidates: their embeddings (computed once), or their pixels for a
+    distance model."""
+    import torch
+
+    left, right = left.to(device), right.to(device)
+    if hasattr(model, "pair_distance"):
+        return left, right
+    with torch.no_grad():
+        return model.encode_image(left).float(), model.encode_image(right).float()
 
 
 class TwoAFCAttackScorer(TwoAFCScorer):
@@ -157,9 +169,8 @@ class TwoAFCAttackScorer(TwoAFCScorer):
         part = triplets.select(keep)
         x = reference[torch.tensor(keep, device=reference.device)]
         labels = torch.tensor([p > 0.5 for p in part.p_right], device=x.device, dtype=torch.long)
-        target = {"left": part.left, "right": part.right, "labels": labels}
         with torch.no_grad():
-            clean_correct = part.correct(self.model.encode_image(x).float())
+            clean_correct = part.correct(x)
         rows = []
         for threat in self.params["threats"]:
             name = condition_name(f"apgd_{threat['norm']}", threat["eps"])
@@ -168,23 +179,24 @@ class TwoAFCAttackScorer(TwoAFCScorer):
                 eps=float(threat["eps"]),
                 steps=self.params["attack_steps"],
                 restarts=self.params["attack_restarts"],
-                objective="two_afc",
+                objective="ce",  # CE on [sim_left, sim_right]: the unscaled cosines for an embedding model
                 precision=self.gradient_precision,
             )
             seeds = [sample_seed(i, 0, f"two_afc/{name}", self.seed) for i in part.ids]
-            result = apgd(self.model.encode_image, x, target, config, row_seeds=seeds, eval_modules=self.model)
+            result = apgd(part.logits, x, {"labels": labels}, config, row_seeds=seeds, eval_modules=self.model)
             decisive = torch.where(result.success.view(-1, 1, 1, 1), result.x_success, result.x_adv)
-            with torch.no_grad():
-                at_points = self.model.encode_image(decisive).float()
             robust = clean_correct & ~result.success & ~result.failed
-            rows += part.rows(name, at_points, robust, result.failed, result.zero_grad_steps > 0)
+            with torch.no_grad():
+                rows += part.rows(name, decisive, robust, result.failed, result.zero_grad_steps > 0)
         return rows
 
 
 @dataclass
 class _Triplets:
-    """The decoded triplets of a batch: ids, subsets, judgements and the candidates' embeddings."""
+    """The decoded triplets of a batch: ids, subsets, judgements and the candidates (embeddings, or pixels for a
+    distance model)."""
 
+    model: Any
     ids: list[str]
     subsets: list[str]
     p_right: list[float]
@@ -193,6 +205,7 @@ class _Triplets:
 
     def select(self, index: Sequence[int]) -> _Triplets:
         return _Triplets(
+            self.model,
             [self.ids[i] for i in index],
             [self.subsets[i] for i in index],
             [self.p_right[i] for i in index],
@@ -200,21 +213,29 @@ class _Triplets:
             self.right[list(index)],
         )
 
-    def cosines(self, reference: Any) -> tuple[Any, Any]:
+    def logits(self, reference: Any) -> Any:
+        """``(N, 2)`` similarities of the reference pixels to (left, right)."""
+        import torch
         import torch.nn.functional as F
 
-        return F.cosine_similarity(reference, self.left, dim=1), F.cosine_similarity(reference, self.right, dim=1)
+        if hasattr(self.model, "pair_distance"):
+            distance = self.model.pair_distance
+            return -torch.stack((distance(reference, self.left), distance(reference, self.right)), dim=1)
+        embedding = self.model.encode_image(reference).float()
+        left = F.cosine_similarity(embedding, self.left, dim=1)
+        return torch.stack((left, F.cosine_similarity(embedding, self.right, dim=1)), dim=1)
 
     def correct(self, reference: Any) -> Any:
         import torch
 
-        cos_left, cos_right = self.cosines(reference)
-        labels = torch.tensor([p > 0.5 for p in self.p_right], device=cos_left.device)
-        return (cos_right > cos_left) == labels
+        similarity = self.logits(reference)
+        labels = torch.tensor([p > 0.5 for p in self.p_right], device=similarity.device)
+        return (similarity[:, 1] > similarity[:, 0]) == labels
 
     def rows(self, name: str, reference: Any, robust: Any = None, failed: Any = None, zero: Any = None) -> list[dict]:
-        cos_left, cos_right = (c.detach().cpu().numpy().astype(np.float64) for c in self.cosines(reference))
-        decided = (cos_right > cos_left) == (np.asarray(self.p_right) > 0.5)
+        similarity = self.logits(reference).detach().cpu().numpy().astype(np.float64)
+        sim_left, sim_right = similarity[:, 0], similarity[:, 1]
+        decided = (sim_right > sim_left) == (np.asarray(self.p_right) > 0.5)
         flags = [np.zeros(len(self.ids), dtype=bool) if t is None else t.detach().cpu().numpy() for t in (failed, zero)]
         correct = decided if robust is None else robust.detach().cpu().numpy()
         return [
@@ -223,14 +244,14 @@ class _Triplets:
                 "condition": name,
                 "subset": subset,
                 "p_right": p,
-                "cos_left": float(cl),
-                "cos_right": float(cr),
+                "sim_left": float(sl),
+                "sim_right": float(sr),
                 "correct": int(c),
                 "attack_failed": int(f),
                 "zero_gradient": int(z),
             }
-            for sample, subset, p, cl, cr, c, f, z in zip(
-                self.ids, self.subsets, self.p_right, cos_left, cos_right, correct, *flags, strict=True
+            for sample, subset, p, sl, sr, c, f, z in zip(
+                self.ids, self.subsets, self.p_right, sim_left, sim_right, correct, *flags, strict=True
             )
         ]
 
@@ -306,7 +327,7 @@ class TwoAFCSuite(Suite):
     def aggregate(self, rows: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> SuiteOutput:
         condition = np.asarray(rows["condition"]).astype(str)
         subset = np.asarray(rows["subset"]).astype(str)
-        cos_left, cos_right = np.asarray(rows["cos_left"]), np.asarray(rows["cos_right"])
+        sim_left, sim_right = np.asarray(rows["sim_left"]), np.asarray(rows["sim_right"])
         p_right = np.asarray(rows["p_right"])
         correct, failed = np.asarray(rows["correct"]), np.asarray(rows["attack_failed"])
         subsets = sorted(set(subset[condition == CLEAN]))
@@ -323,8 +344,8 @@ class TwoAFCSuite(Suite):
             table.append({"condition": name, "subset": "all", "metric": family, "value": pooled, "n": total})
 
         clean = condition == CLEAN
-        decided = two_afc_correct(cos_left, cos_right, p_right)
-        soft = two_afc_soft_score(1 - cos_left, 1 - cos_right, p_right)
+        decided = two_afc_correct(sim_left, sim_right, p_right)
+        soft = two_afc_soft_score(-sim_left, -sim_right, p_right)  # distances up to a constant: the same comparisons
         counts = {s: int((clean & (subset == s)).sum()) for s in subsets}
         per_subset = {s: float(decided[clean & (subset == s)].mean()) for s in subsets}
         report(CLEAN, "accuracy", per_subset, float(decided[clean].mean()), counts)
