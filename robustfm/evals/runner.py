@@ -72,6 +72,7 @@ class SuiteResult:
     stage: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     rows: dict[str, np.ndarray] | None = None
+    images: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _suite(name: str, cfg: EvalConfig) -> Suite:
@@ -189,6 +190,7 @@ def run_suite(
         params=params,
         stage=stage,
         rows=rows if keep_rows else None,
+        images=output.images,
     )
     write_artifacts(result)
     result.run_id = log_result(result, tracker or NullTracker(), parent_run_id) or None
@@ -261,7 +263,7 @@ def safe_name(text: str) -> str:
 
 
 def write_artifacts(result: SuiteResult) -> None:
-    """metrics.json, protocol.json, table.csv, table.json and plots/*.png into ``result.artifact_dir``."""
+    """metrics.json, protocol.json, table.csv, table.json, plots/*.png and images/*.png into ``result.artifact_dir``."""
     from robustfm.evals.plots import render_plot
 
     directory = result.artifact_dir
@@ -280,6 +282,12 @@ def write_artifacts(result: SuiteResult) -> None:
             writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
     for plot in result.plots:
         render_plot([(None, plot)], directory / "plots" / f"{plot.name}.png")
+    if result.images:
+        from PIL import Image
+
+        (directory / "images").mkdir()
+        for name, pixels in result.images.items():
+            Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(directory / "images" / f"{name}.png")
 
 
 def log_result(result: SuiteResult, tracker: Any, parent_run_id: str | None) -> str:

@@ -48,6 +48,9 @@ class SuiteOutput:
     table: list[dict[str, Any]]
     """One row per (condition, metric) or similar: the table artifact (CSV and JSON)."""
     plots: list[Plot] = field(default_factory=list)
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    """Pictures to look at (e.g. a grid of originals and inversions): name -> uint8 ``[H, W, 3]``, written as
+    ``images/<name>.png`` beside the plots."""
 
 
 class Suite(ABC):
