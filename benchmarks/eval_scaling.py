@@ -2,6 +2,8 @@
 
     python benchmarks/eval_scaling.py                        # embedding_robustness, tiny CLIP, 1 and 2 actors
     python benchmarks/eval_scaling.py --actors 1 2 4 8 --model open_clip/ViT-B-32 --samples 256
+    python benchmarks/eval_scaling.py --suite two_afc --set 'threats=[]'                  # 2AFC clean
+    python benchmarks/eval_scaling.py --suite two_afc --set attack_steps=10 --samples 32   # 2AFC robust (Linf, L2)
 
 Each actor reserves 1 CPU and runs ``torch.set_num_threads(1)``, so N actors use N cores and the comparison is fair
 on a 2-core machine. Throughput is measured inside the actors, from the start of the first batch to the end of the
@@ -71,11 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5, help="alternating repeats (>= 5 advised); median decides")
     parser.add_argument("--actors", type=int, nargs="+", default=None, help="default: 1, 2, 4, ... up to the cores")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="a field of the suite's section (YAML value)"
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
 
     import ray
+    import yaml
 
     from robustfm.config import replace_path
     from robustfm.evals import SUITES
@@ -100,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = replace_path(cfg, path, value)
         if args.suite == "embedding_robustness":
             cfg = replace_path(cfg, "suites.embedding_robustness.steps", 5)
+        for setting in args.set:
+            field, _, value = setting.partition("=")
+            cfg = replace_path(cfg, f"suites.{args.suite}.{field}", yaml.safe_load(value))
         configs[actors] = cfg
     measured: dict[int, list[float]] = {actors: [] for actors in counts}
     for repeat in range(args.repeats):
@@ -123,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     if 2 in measured and 1 in measured:
         ratio = statistics.median(a / b for a, b in zip(measured[2], measured[1], strict=True))
         verdict = "OK" if ratio >= 1.7 else "BELOW TARGET"
-        print(f"eval_scaling 2 actors vs 1, median of {args.repeats} repeats: {ratio:.2f}x (target >= 1.7x): {verdict}")
+        settings = f" with {' '.join(args.set)}" if args.set else ""
+        print(
+            f"eval_scaling {args.suite}{settings}: 2 actors vs 1, median of {args.repeats} repeats: {ratio:.2f}x "
+            f"(target >= 1.7x): {verdict}"
+        )
     for actors in skipped:
         print(f"eval_scaling actors={actors}: skipped, this machine has {cores} cores")
     ray.shutdown()
