@@ -26,7 +26,7 @@ def test_map_medium_and_hard_clean_and_attacked(ray_session, tmp_path):
         PrepareConfig(source=SourceConfig(kind="revisitop", root=str(tree.root)), output=str(shards), progress=False)
     )
     section = LandmarkRetrievalConfig(
-        data=EvalDataConfig(shards=str(shards), split="database"),
+        data=EvalDataConfig(shards=str(shards)),
         ground_truth=str(tree.root / "gnd_rtiny.pkl"),
         attack_eps=(16 / 255,),
         attack_steps=4,

@@ -88,9 +88,7 @@ def test_nights_clean_and_attacked_with_two_actors(ray_session, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_bapps_soft_score_and_the_evaluate_job(ray_session, tmp_path):
-    import importlib.util
-
+def test_bapps_soft_score_and_lpips(ray_session, tmp_path):
     from robustfm.evals.runner import run_suite
 
     tree = make_bapps_tree(tmp_path / "bapps", per_subset=5, size=32)
@@ -115,17 +113,44 @@ def test_bapps_soft_score_and_the_evaluate_job(ray_session, tmp_path):
     assert attacked.sum() == 4 and 0 <= by_lpips.metrics[f"apgd_linf:{8 / 255:g}/all/robust_accuracy"] <= 1
     assert by_lpips.protocol["model"]["name"] == "lpips/alex"
 
+
+@pytest.mark.timeout(600)
+def test_the_evaluate_job_runs_2afc_knn_and_landmark_suites_with_two_actors(ray_session, tmp_path):
+    import importlib.util
+
+    from robustfm.testing.retrieval import make_revisitop_tree, make_safety_folder
+
+    triplets = _shards(make_bapps_tree(tmp_path / "bapps", per_subset=3, size=32), "bapps", tmp_path / "s2afc")
+    folder = make_safety_folder(tmp_path / "folder", per_class=6, size=32)
+    knn = tmp_path / "sknn"
+    prepare(PrepareConfig(source=SourceConfig(kind="image_folder", root=str(folder)), output=str(knn), progress=False))
+    tree = make_revisitop_tree(tmp_path / "roxford", landmarks=3, size=32)
+    landmarks = tmp_path / "sland"
+    prepare(
+        PrepareConfig(source=SourceConfig(kind="revisitop", root=str(tree.root)), output=str(landmarks), progress=False)
+    )
+
     spec = importlib.util.spec_from_file_location("evaluate_job", "jobs/evaluate.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     argv = [
-        "--suite", "two_afc", "--model", "open_clip/tiny-vit", "tracking.backend=none",
-        f"eval.output_dir={tmp_path / 'job'}", f"eval.suites.two_afc.data.shards={shards}",
-        "eval.suites.two_afc.data.split=val", "eval.suites.two_afc.attack_steps=2",
-        "eval.suites.two_afc.attack_samples=1", "eval.pool.max_actors=2", "eval.pool.batch_size=4",
+        "--suite", "two_afc", "knn_detection", "landmark_retrieval", "--model", "open_clip/tiny-vit",
+        "tracking.backend=none", f"eval.output_dir={tmp_path / 'job'}", "eval.pool.max_actors=2",
+        "eval.pool.batch_size=4",
+        f"eval.suites.two_afc.data.shards={triplets}", "eval.suites.two_afc.data.split=val",
+        "eval.suites.two_afc.attack_steps=2", "eval.suites.two_afc.attack_samples=1",
+        f"eval.suites.knn_detection.data.shards={knn}", "eval.suites.knn_detection.data.split=train",
+        "eval.suites.knn_detection.pool_per_class=2", "eval.suites.knn_detection.queries_per_class=2",
+        "eval.suites.knn_detection.target_images=2", "eval.suites.knn_detection.attack_steps=2",
+        f"eval.suites.landmark_retrieval.data.shards={landmarks}",
+        f"eval.suites.landmark_retrieval.ground_truth={tree.root / 'gnd_rtiny.pkl'}",
+        "eval.suites.landmark_retrieval.attack_steps=2",
     ]  # fmt: skip
     assert job.main(argv) == 0
-    tables = list((tmp_path / "job").rglob("two_afc*/table.csv"))
-    assert len(tables) == 1 and "apgd_l2:3" in tables[0].read_text()
+    for suite in ("two_afc", "knn_detection", "landmark_retrieval"):
+        (table,) = (tmp_path / "job").rglob(f"{suite}/table.csv")
+        assert table.stat().st_size > 0
     (report,) = (tmp_path / "job" / "report").glob("*/report.md")
-    assert "| model | 2AFC clean | 2AFC linf 0.01569 | 2AFC l2 3 |" in report.read_text()  # paper 003 Table I's shape
+    text = report.read_text()
+    assert "| model | 2AFC clean | 2AFC linf 0.01569 | 2AFC l2 3 |" in text  # paper 003 Table I's shape
+    assert "| model | medium clean | hard clean |" in text and "unsafe detected, clean" in text

@@ -87,4 +87,4 @@ def test_suite_all_leaves_out_suites_without_their_shards_and_the_config_needs_t
     runnable = runnable_suites(EvalConfig())
     assert "landmark_retrieval" not in runnable and "knn_detection" not in runnable and "two_afc" in runnable
     with pytest.raises(ConfigError, match="ground_truth: must name the gnd_<name>.pkl"):
-        LandmarkRetrievalConfig(data=EvalDataConfig(shards="/data/roxford5k/shards", split="database"))
+        LandmarkRetrievalConfig(data=EvalDataConfig(shards="/data/roxford5k/shards"))

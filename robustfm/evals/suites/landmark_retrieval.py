@@ -40,8 +40,9 @@ PROTOCOLS = {"medium": (("easy", "hard"), ("junk",)), "hard": (("hard",), ("junk
 class LandmarkRetrievalConfig:
     """Revisited Oxford / Paris retrieval, clean and with attacked queries."""
 
-    data: EvalDataConfig = field(default_factory=lambda: EvalDataConfig(split=DATABASE))
-    """Shards of source ``revisitop``; ``split`` is the database split."""
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    """Shards of source ``revisitop`` (``data.split`` is not read: the two splits are named below)."""
+    database_split: str = DATABASE
     query_split: str = QUERY
     ground_truth: str | None = None
     """Path (local or ``s3://``) of the ``gnd_<name>.pkl`` the shards were made from; required."""
@@ -166,6 +167,13 @@ class LandmarkRetrievalSuite(Suite):
         super().__init__(cfg)
         if self.section.attack_eps:
             self.scorer = LandmarkAttackScorer
+
+    @property
+    def data(self) -> EvalDataConfig:
+        """The database split of the shards (the queries are added by :meth:`shape_dataset`)."""
+        import dataclasses
+
+        return dataclasses.replace(self.section.data, split=self.section.database_split)
 
     def shape_dataset(self, dataset: Any) -> Any:
         """The database rows and the query rows (cropped to their boxes), one dataset; ``class_name`` = role."""
