@@ -34,6 +34,17 @@ def attack_subset(ids: Sequence[str], labels: Sequence[int], n: int | None) -> l
     return sorted(ranked if n is None else ranked[:n])
 
 
+def with_attack_subset_digest(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Scorer params for a protocol record: ``attack_ids`` replaced by ``attack_subset`` = its size and the SHA-256
+    of its ids (which images were attacked, without listing them)."""
+    from robustfm.evals.data import ids_hash
+
+    ids = params.get("attack_ids", [])
+    shortened = {k: v for k, v in params.items() if k != "attack_ids"}
+    shortened["attack_subset"] = {"num_samples": len(ids), "sample_ids_sha256": ids_hash(ids) if ids else None}
+    return shortened
+
+
 def condition(attack: str, norm: str, eps: float) -> str:
     """``apgd_ce_linf:0.0156863``: the metric-key-safe name of one attack condition (eps in [0,1] pixel units)."""
     from robustfm.evals.suite import condition_name

@@ -34,6 +34,7 @@ from robustfm.evals.actors import FieldSpec, ScoringActor
 from robustfm.evals.config import EvalDataConfig
 from robustfm.evals.metrics import MetricSpec, MetricTable, mean_of, two_afc_correct, two_afc_soft_score
 from robustfm.evals.suite import Plot, Suite, SuiteOutput, condition_name
+from robustfm.evals.zero_shot_attacks import attack_subset, with_attack_subset_digest
 
 CLEAN = "clean"
 TIE_RULE = "sim_right > sim_left decides right; a tie decides left; label = p_right > 0.5"
@@ -259,8 +260,6 @@ class _Triplets:
 def attacked_per_subset(ids: Sequence[str], subsets: Sequence[str], n: int | None) -> list[str]:
     """The first ``n`` ids of each subset ordered by BLAKE2b of the id (None: all), sorted: independent of seeds,
     batches and actors."""
-    from robustfm.evals.zero_shot_attacks import attack_subset
-
     chosen: list[str] = []
     for subset in sorted(set(subsets)):
         members = [i for i, s in zip(ids, subsets, strict=True) if s == subset]
@@ -316,13 +315,8 @@ class TwoAFCSuite(Suite):
         return columns
 
     def protocol_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """The base record, with the attacked triplets as their count and the SHA-256 of their ids."""
-        from robustfm.evals.data import ids_hash
-
-        ids = params.get("attack_ids", [])
-        shortened = {k: v for k, v in params.items() if k != "attack_ids"}
-        shortened["attack_subset"] = {"num_samples": len(ids), "sample_ids_sha256": ids_hash(ids) if ids else None}
-        return super().protocol_params(shortened)
+        """The base record, with the attacked triplets as their count and the SHA-256 of their ids (not the ids)."""
+        return super().protocol_params(with_attack_subset_digest(params))
 
     def aggregate(self, rows: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> SuiteOutput:
         condition = np.asarray(rows["condition"]).astype(str)

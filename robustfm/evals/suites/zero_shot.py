@@ -23,7 +23,14 @@ from robustfm.evals.actors import FieldSpec, ScoringActor
 from robustfm.evals.config import EvalDataConfig
 from robustfm.evals.metrics import MetricSpec, MetricTable, mean_of, topk_correct
 from robustfm.evals.suite import Plot, Suite, SuiteOutput, condition_name, resolve_names
-from robustfm.evals.zero_shot_attacks import ALL_ATTACKS, ATTACKS, attack_rows, attack_subset, condition
+from robustfm.evals.zero_shot_attacks import (
+    ALL_ATTACKS,
+    ATTACKS,
+    attack_rows,
+    attack_subset,
+    condition,
+    with_attack_subset_digest,
+)
 from robustfm.seeding import sample_seed
 
 # A short subset of CLIP's ImageNet templates; ``{}`` is the class name.
@@ -238,13 +245,8 @@ class ZeroShotSuite(Suite):
         }
 
     def protocol_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """The base record, with the attacked subset as its size and the SHA-256 of its ids (not the ids)."""
-        from robustfm.evals.data import ids_hash
-
-        ids = params.get("attack_ids", [])
-        shortened = {k: v for k, v in params.items() if k != "attack_ids"}
-        shortened["attack_subset"] = {"num_samples": len(ids), "sample_ids_sha256": ids_hash(ids) if ids else None}
-        return super().protocol_params(shortened)
+        """The base record, with the attacked subset as their count and the SHA-256 of their ids (not the ids)."""
+        return super().protocol_params(with_attack_subset_digest(params))
 
     def aggregate(self, rows: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> SuiteOutput:
         condition = np.asarray(rows["condition"]).astype(str)
