@@ -17,11 +17,15 @@ from robustfm.evals.config import EvalConfig
 
 
 def with_eval_data(cfg: EvalConfig, shards: str, split: str, max_samples: int | None) -> EvalConfig:
-    """Point every suite whose ``data.shards`` is unset at ``shards``/``split`` (suites keep explicit settings)."""
+    """Point every suite whose ``data.shards`` is unset at ``shards``/``split`` (suites keep explicit settings; suites
+    that need data of their own, ``needs_shards``, such as landmark retrieval with its ground truth, are left as
+    they are)."""
+    from robustfm.evals import SUITES
+
     suites = dict(cfg.suites)
     for name, section in cfg.suites.items():
         data = section.data
-        if data.shards is None:
+        if data.shards is None and not SUITES.get(name).needs_shards:
             limit = data.max_samples if data.max_samples is not None else max_samples
             suites[name] = dataclasses.replace(
                 section, data=dataclasses.replace(data, shards=shards, split=split, max_samples=limit)

@@ -88,3 +88,13 @@ def test_suite_all_leaves_out_suites_without_their_shards_and_the_config_needs_t
     assert "landmark_retrieval" not in runnable and "knn_detection" not in runnable and "two_afc" in runnable
     with pytest.raises(ConfigError, match="ground_truth: must name the gnd_<name>.pkl"):
         LandmarkRetrievalConfig(data=EvalDataConfig(shards="/data/roxford5k/shards"))
+
+
+def test_a_recipe_points_its_milestone_suites_at_its_data_but_not_suites_with_data_of_their_own():
+    from robustfm.evals.config import EvalConfig
+    from robustfm.recipes.milestones import with_eval_data
+
+    cfg = with_eval_data(EvalConfig(), "/runs/demo/shards", "val", 24)
+    assert cfg.suites["zero_shot"].data.shards == "/runs/demo/shards" and cfg.suites["zero_shot"].data.split == "val"
+    assert cfg.suites["landmark_retrieval"].data.shards is None  # would need its ground truth: left alone
+    assert cfg.suites["knn_detection"].data.shards is None
