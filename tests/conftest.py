@@ -88,24 +88,3 @@ def no_leaked_actors(request):
     assert not leaked, f"actors left alive after the test: {leaked} (allowed: {_LEAK_LIMITS})"
     held = _placement_groups_held() if reserved >= 1e-6 else []
     assert reserved < 1e-6, f"{reserved:g} CPUs still reserved after the test; placement groups held: {held}"
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """Run the slow end-to-end modules first, half of them at the head of each half of the collection.
-
-    ``make test`` runs two xdist workers with work stealing, which start on the first and the second half of the
-    collection. In collection order the job tests (tests/recipes) came last on both workers and set the length of the
-    run; started first, they overlap with everything else. Modules stay contiguous (their fixtures are set up once),
-    the slow ones alternate between the halves, and a serial run is unaffected but for the order.
-    """
-    modules: dict[str, list] = {}
-    for item in items:
-        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
-    heavy = [tests for tests in modules.values() if any(t.get_closest_marker("slow") for t in tests)]
-    light = [t for tests in modules.values() if tests not in heavy for t in tests]
-    halves: list[list] = [[], []]
-    for index, tests in enumerate(heavy):
-        halves[index % 2].extend(tests)
-    first_size = len(items) // 2  # what xdist's work stealing sends the first worker at the start
-    room = max(0, first_size - len(halves[0]))
-    items[:] = halves[0] + light[:room] + halves[1] + light[room:]
