@@ -79,12 +79,12 @@ def eval_settings(cfg: Any, run: kit.RecipeRun) -> Any:
 
     from robustfm.recipes.milestones import with_eval_data
 
-    settings = with_demo_two_afc(cfg, cfg.eval.settings, run)
+    settings = with_demo_two_afc(cfg, cfg.eval.settings)
     settings = with_eval_data(settings, cfg.data.shards, cfg.data.eval_split, None)
     return dataclasses.replace(settings, output_dir=str(run.out / "eval"))
 
 
-def with_demo_two_afc(cfg: Any, settings: Any, run: kit.RecipeRun) -> Any:
+def with_demo_two_afc(cfg: Any, settings: Any) -> Any:
     """``settings`` with the demo 2AFC triplets (NIGHTS layout, ``test`` split) as the ``two_afc`` suite's data when
     the milestones run it and ``eval.settings.suites.two_afc.data.shards`` is null (the training images have no
     triplets, so null cannot mean "the recipe's evaluation split" here). Built once under

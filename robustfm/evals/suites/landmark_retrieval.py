@@ -16,6 +16,7 @@ protocol counts them. Attack (eq. 6): APGD maximizing ||n(f(x + delta)) - n(f(x)
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -168,6 +169,11 @@ class LandmarkRetrievalSuite(Suite):
         if self.section.attack_eps:
             self.scorer = LandmarkAttackScorer
 
+    @functools.cached_property
+    def ground_truth(self) -> dict[str, Any]:
+        """The ground truth file, read once per suite run (both the query crops and the scorer params need it)."""
+        return read_ground_truth(self.section.ground_truth)
+
     @property
     def data(self) -> EvalDataConfig:
         """The database split of the shards (the queries are added by :meth:`shape_dataset`)."""
@@ -179,14 +185,14 @@ class LandmarkRetrievalSuite(Suite):
         """The database rows and the query rows (cropped to their boxes), one dataset; ``class_name`` = role."""
         from robustfm.data import open_shards
 
-        ground_truth = read_ground_truth(self.section.ground_truth)
+        ground_truth = self.ground_truth
         pairs = zip(ground_truth["qimlist"], ground_truth["gnd"], strict=True)
         boxes = {str(query): [float(v) for v in entry["bbx"]] for query, entry in pairs}
         queries = open_shards(self.data.shards, self.section.query_split, columns=["id", "image", "class_name"])
         return dataset.union(queries.map(CropToBox(boxes)))
 
     def scorer_params(self, dataset: Any) -> dict[str, Any]:
-        ground_truth = read_ground_truth(self.section.ground_truth)
+        ground_truth = self.ground_truth
         keys = ("easy", "hard", "junk")
         lists = [{key: [int(v) for v in np.asarray(g[key]).ravel()] for key in keys} for g in ground_truth["gnd"]]
         return {

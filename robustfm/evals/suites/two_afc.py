@@ -120,8 +120,9 @@ class TwoAFCScorer(ScoringActor):
         if not good:
             return rows
         device = pixels.device
-        left_rows = [sum(1 for r in left_bad[:i] if r is None) for i in good]  # decoded arrays skip bad rows
-        right_rows = [sum(1 for r in right_bad[:i] if r is None) for i in good]
+        # decode_batch leaves undecodable rows out of its array: row i of the batch is entry (decodable before i).
+        left_rows = np.cumsum([r is None for r in left_bad])[good] - 1
+        right_rows = np.cumsum([r is None for r in right_bad])[good] - 1
         triplets = _Triplets(
             self.model,
             [ids[i] for i in good],
