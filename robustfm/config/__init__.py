@@ -12,7 +12,7 @@ from robustfm.config.core import (
     to_dict,
 )
 from robustfm.config.run_record import git_sha, save_resolved_config
-from robustfm.config.schema import ModelConfig, RayConfig, TrackingConfig
+from robustfm.config.schema import ModelConfig, RayConfig, TrackingConfig, check_perturbation_grid
 
 __all__ = [
     "ConfigError",
@@ -21,6 +21,7 @@ __all__ = [
     "RayConfig",
     "TrackingConfig",
     "check",
+    "check_perturbation_grid",
     "flatten",
     "from_dict",
     "git_sha",

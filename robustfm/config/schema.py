@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,3 +58,24 @@ class ModelConfig:
         check(
             bool(sep and family and arch), "name", self.name, "must look like 'family/arch' (e.g. open_clip/ViT-B-32)"
         )
+
+
+def check_perturbation_grid(perturbations: Sequence[str] | None, values_per_perturbation: int) -> None:
+    """The checks of the two fields every config that draws everyday edits carries: ``perturbations`` (names of
+    ``robustfm.perturbations.PERTURBATIONS``; None: all) and ``values_per_perturbation`` (points of each range)."""
+    check(
+        values_per_perturbation >= 2,
+        "values_per_perturbation",
+        values_per_perturbation,
+        "must be >= 2 (the two ends of each range)",
+    )
+    if perturbations is None:
+        return
+    from robustfm.perturbations import PERTURBATIONS  # imports torch: the edits register themselves
+
+    check(len(perturbations) > 0, "perturbations", perturbations, "must name at least one edit")
+    for name in perturbations:
+        try:
+            PERTURBATIONS.check(name)
+        except KeyError as err:
+            check(False, "perturbations", name, str(err))

@@ -9,6 +9,7 @@ attack, ``model.train()`` for the update). Every maximizer has the signature of 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -21,53 +22,55 @@ from robustfm.seeding import sample_seed
 from robustfm.train.task import StageSpec, stage_settings_applied
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
-Maximizer = Callable[..., torch.Tensor]
-"""``maximize(forward, x, target, config, row_seeds, model) -> points``: ``forward`` maps [0,1] pixels to what the
-attack objective reads, ``target`` holds its tensors, ``row_seeds`` one int per row (None: seeded by the attack's
-config), ``model`` is held in eval mode while the maximizer runs."""
+
+
+@dataclass(frozen=True)
+class InnerProblem:
+    """One inner maximization: what a :data:`Maximizer` is given.
+
+    Attributes:
+        forward: maps [0,1] pixels to what the attack objective reads.
+        x: the clean images (B, 3, H, W) in [0, 1].
+        target: the objective's tensors (e.g. FARE's ``target`` embeddings, TeCoA's ``labels``).
+        config: the method config (its ``attack``, ``perturbations``, ``values_per_perturbation``).
+        row_seeds: one int per row (None: seeded by the attack's config).
+        model: held in eval mode while the maximizer runs.
+    """
+
+    forward: Forward
+    x: torch.Tensor
+    target: Mapping[str, torch.Tensor]
+    config: AdversarialFTConfig
+    row_seeds: Sequence[int] | None
+    model: nn.Module
+
+
+Maximizer = Callable[[InnerProblem], torch.Tensor]
+"""``maximize(problem) -> points``: the points (same shape as ``problem.x``) the loss is taken at."""
 
 ATTACK_SEED = "attack_seed"
 """The batch column of per-image attack seeds (from (id, epoch): :class:`robustfm.recipes.adversarial.AttackSeeds`)."""
 
 
-def pgd_points(
-    forward: Forward,
-    x: torch.Tensor,
-    target: Mapping[str, torch.Tensor],
-    config: AdversarialFTConfig,
-    row_seeds: Sequence[int] | None,
-    model: nn.Module,
-) -> torch.Tensor:
+def pgd_points(problem: InnerProblem) -> torch.Tensor:
     """RobustVLM's training attack: PGD with momentum, the last iterate (no extra scoring forward)."""
     from robustfm.attacks import pgd
 
-    found = pgd(forward, x, target, config.attack, row_seeds=row_seeds, eval_modules=model, score_last=False)
-    return found.x_adv
+    p = problem
+    attack = p.config.attack
+    return pgd(p.forward, p.x, p.target, attack, row_seeds=p.row_seeds, eval_modules=p.model, score_last=False).x_adv
 
 
-def apgd_points(
-    forward: Forward,
-    x: torch.Tensor,
-    target: Mapping[str, torch.Tensor],
-    config: AdversarialFTConfig,
-    row_seeds: Sequence[int] | None,
-    model: nn.Module,
-) -> torch.Tensor:
+def apgd_points(problem: InnerProblem) -> torch.Tensor:
     """APGD's highest-loss points (not RobustVLM's ``apgd_train``, which returns the clean image where nothing
     "flipped": meaningless for an embedding loss, see the spec)."""
     from robustfm.attacks import apgd
 
-    return apgd(forward, x, target, config.attack, row_seeds=row_seeds, eval_modules=model).x_adv
+    p = problem
+    return apgd(p.forward, p.x, p.target, p.config.attack, row_seeds=p.row_seeds, eval_modules=p.model).x_adv
 
 
-def worst_perturbation(
-    forward: Forward,
-    x: torch.Tensor,
-    target: Mapping[str, torch.Tensor],
-    config: AdversarialFTConfig,
-    row_seeds: Sequence[int] | None,
-    model: nn.Module,
-) -> torch.Tensor:
+def worst_perturbation(problem: InnerProblem) -> torch.Tensor:
     """Per image, the edit of ``config.perturbations`` x ``values_per_perturbation`` with the highest objective
     (forward passes only, under no_grad); random edits (noise) draw from per-image generators seeded by
     ``row_seeds``. The edit's value grid replaces the eps-ball: these points are not within ``attack.eps``."""
@@ -75,11 +78,12 @@ def worst_perturbation(
     from robustfm.attacks.common import held_in_eval, model_precision
     from robustfm.perturbations import PERTURBATIONS, perturb, sweep
 
+    forward, target, config, model = problem.forward, problem.target, problem.config, problem.model
     objective = OBJECTIVES.get(config.attack.objective)
-    objective.check_target(target, x.shape[0])
-    seeds = list(row_seeds) if row_seeds is not None else list(range(x.shape[0]))
+    objective.check_target(target, problem.x.shape[0])
+    seeds = list(problem.row_seeds) if problem.row_seeds is not None else list(range(problem.x.shape[0]))
     names = config.perturbations if config.perturbations is not None else tuple(PERTURBATIONS.names())
-    x = x.detach().float()
+    x = problem.x.detach().float()
     best, best_loss = x.clone(), torch.full((x.shape[0],), float("-inf"), device=x.device)
     with torch.no_grad(), held_in_eval([model]):
         for name in names:
@@ -158,7 +162,8 @@ class AdversarialFTTask(nn.Module):
                 "(id, epoch); add robustfm.recipes.adversarial.AttackSeeds to the batch source's stages"
             )
         row_seeds = None if seeds is None else [int(s) for s in seeds.tolist()]
-        return MAXIMIZERS.get(self.config.maximizer)(forward, x, target, self.config, row_seeds, self.model)
+        problem = InnerProblem(forward, x, target, self.config, row_seeds, self.model)
+        return MAXIMIZERS.get(self.config.maximizer)(problem)
 
     def mix(self, adversarial: torch.Tensor, clean: torch.Tensor) -> dict[str, torch.Tensor]:
         """The trained loss lambda * clean + (1 - lambda) * adversarial and the two reported terms."""

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from robustfm.attacks import AttackConfig
-from robustfm.config import check
+from robustfm.config import check, check_perturbation_grid
 from robustfm.registry import Registry, did_you_mean
 
 MAXIMIZERS: Registry = Registry("inner maximizer")
-"""Name -> ``maximize(forward, x, target, config, row_seeds, model) -> points``
+"""Name -> ``maximize(problem: robustfm.methods.adversarial.InnerProblem) -> points``
 (:mod:`robustfm.methods.adversarial`). Meta ``needs``: the engine capabilities it needs (an attack differentiates
 w.r.t. the input inside the task's forward: ``in_task_attack``)."""
 MAXIMIZERS.register_lazy(
@@ -83,21 +83,7 @@ class AdversarialFTConfig:
             self.attack.objective,
             f"must be one of {list(self.objectives)} for {type(self).__name__} (what its model outputs and targets)",
         )
-        check(
-            self.values_per_perturbation >= 2,
-            "values_per_perturbation",
-            self.values_per_perturbation,
-            "must be >= 2 (the two ends of each range)",
-        )
-        if self.perturbations is not None:
-            from robustfm.perturbations import PERTURBATIONS  # imports torch: the edits register themselves
-
-            check(len(self.perturbations) > 0, "perturbations", self.perturbations, "must name at least one edit")
-            for name in self.perturbations:
-                try:
-                    PERTURBATIONS.check(name)
-                except KeyError as err:
-                    check(False, "perturbations", name, str(err))
+        check_perturbation_grid(self.perturbations, self.values_per_perturbation)
 
     @property
     def needs(self) -> tuple[str, ...]:

@@ -53,23 +53,7 @@ class AttackSeeds:
 def training_batches(cfg: Any, stages: Sequence[Any] = ()) -> Any:
     """The training split minus its held-out part: each image (no augmentation unless ``data.augment``, shuffled
     every epoch), its ``attack_seed`` and what ``stages`` add (FARE: the teacher's ``target``)."""
-    from robustfm.data import ShardBatchSource
-
-    data = cfg.data
-    return ShardBatchSource(
-        data.shards,
-        data.train_split,
-        data.image_size,
-        data.batch_size,
-        train=data.augment,
-        shuffle=True,
-        seed=cfg.seed,
-        stages=[AttackSeeds(cfg.seed), *stages],
-        crop_scale=data.crop_scale,
-        endpoint_url=data.s3_endpoint_url,
-        holdout_fraction=data.holdout_fraction,
-        holdout_role="exclude",
-    )
+    return kit.training_source(cfg.data, cfg.seed, [AttackSeeds(cfg.seed), *stages], augment=cfg.data.augment)
 
 
 def eval_settings(cfg: Any, run: kit.RecipeRun) -> Any:

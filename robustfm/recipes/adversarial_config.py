@@ -10,40 +10,22 @@ from dataclasses import dataclass, field
 
 from robustfm.config import check, replace_path
 from robustfm.config.core import ConfigError
-from robustfm.recipes.kit_config import MilestoneEvalConfig, RecipeConfig
+from robustfm.recipes.kit_config import ImageShardsConfig, MilestoneEvalConfig, RecipeConfig
 
 
 @dataclass(frozen=True)
-class AdversarialDataConfig:
-    """Training and validation images of adversarial fine-tuning."""
+class AdversarialDataConfig(ImageShardsConfig):
+    """Training and validation images of adversarial fine-tuning (RobustVLM's values as defaults)."""
 
-    shards: str | None = None
-    """Shard directory (local or ``s3://``) written by ``jobs/prepare_data.py``. None: the demo data set is built
-    under ``output_dir/<name>/demo_data`` and used."""
-    train_split: str = "train"
-    """Split the model trains on (minus the held-out validation part)."""
     holdout_fraction: float = 0.01
     """Share of ``train_split`` held out (every ``round(1/fraction)``-th image) as a sweep's validation set."""
-    eval_split: str = "val"
-    """Split the milestone suites evaluate on (never trained on)."""
     image_size: int = 224
     """Side of the square input (RobustVLM: 224 for every backbone; ConvNeXt-B runs at 224 too, paper 003 App. A)."""
     batch_size: int = 128
     """Images per worker batch (RobustVLM: 128 in total)."""
     augment: bool = False
     """False: resize the shorter side + centre crop, as RobustVLM trains (no augmentation). True: robustfm's seeded
-    random-resized crop + flip."""
-    crop_scale: tuple[float, float] = (0.9, 1.0)
-    """Area range of the random-resized crops when ``augment``."""
-    s3_endpoint_url: str | None = None
-    """S3-compatible endpoint when not AWS (only the URL; credentials come from the environment)."""
-
-    def __post_init__(self) -> None:
-        check(0 <= self.holdout_fraction < 0.5, "holdout_fraction", self.holdout_fraction, "must be in [0, 0.5)")
-        check(self.image_size >= 16, "image_size", self.image_size, "must be >= 16")
-        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
-        low, high = self.crop_scale
-        check(0 < low <= high <= 1, "crop_scale", self.crop_scale, "must satisfy 0 < low <= high <= 1")
+    random-resized crop + flip (``crop_scale``)."""
 
 
 def adversarial_milestones() -> MilestoneEvalConfig:

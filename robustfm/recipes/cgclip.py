@@ -25,6 +25,7 @@ from robustfm.recipes.kit import (
     RecipeRun,
     TaskBuilder,
     heldout_source,
+    training_source,
     with_demo_data,
 )
 from robustfm.sweeps.recipes import REPO_ROOT, EpochValidation, RecipeSweep
@@ -151,21 +152,7 @@ def _corruption_stages(data: CGClipDataConfig, corruption_seed: int, with_maps: 
 
 def training_batches(data: CGClipDataConfig, seed: int, clean_per_worker: int, *, with_maps: bool) -> Any:
     """The training split minus its held-out part, each image with its corrupted copy (and GT map ``with_maps``)."""
-    from robustfm.data import ShardBatchSource
-
-    return ShardBatchSource(
-        data.shards,
-        data.train_split,
-        data.image_size,
-        clean_per_worker,
-        train=True,
-        seed=seed,
-        stages=_corruption_stages(data, seed, with_maps),
-        crop_scale=data.crop_scale,
-        endpoint_url=data.s3_endpoint_url,
-        holdout_fraction=data.holdout_fraction,
-        holdout_role="exclude",
-    )
+    return training_source(data, seed, _corruption_stages(data, seed, with_maps), batch_size=clean_per_worker)
 
 
 def evaluation_batches(

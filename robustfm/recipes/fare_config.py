@@ -9,7 +9,7 @@ from robustfm.data.stage_config import FrozenStageConfig
 from robustfm.methods.fare_config import FAREConfig
 from robustfm.recipes import RECIPES
 from robustfm.recipes.adversarial_config import AdversarialDataConfig, AdversarialRecipeConfig
-from robustfm.recipes.kit_config import missing_inputs
+from robustfm.recipes.kit_config import shard_recipe_inputs
 
 
 @dataclass(frozen=True)
@@ -32,14 +32,8 @@ class FARERecipeConfig(AdversarialRecipeConfig):
     data: FAREDataConfig = field(default_factory=FAREDataConfig)
 
 
-def check_paths(cfg: FARERecipeConfig) -> list[str]:
-    """Local inputs the run needs and lacks (shards, their splits, weights files), as ``field: message`` lines."""
-    data = cfg.data
-    return missing_inputs(
-        {"data.shards": (data.shards, {"data.train_split": data.train_split, "data.eval_split": data.eval_split})},
-        {"model.pretrained": cfg.model.pretrained},
-    )
-
+check_paths = shard_recipe_inputs
+"""Local inputs the run needs and lacks, as ``field: message`` lines (checked before Ray starts)."""
 
 RECIPES.register_lazy(
     "fare",

@@ -127,6 +127,30 @@ def with_demo_data(cfg: Any) -> Any:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=str(shards)))
 
 
+def training_source(
+    data: Any, seed: int, stages: Sequence[Any], *, batch_size: int | None = None, augment: bool = True
+) -> Any:
+    """The training split of ``data`` (an :class:`~robustfm.recipes.kit_config.ImageShardsConfig`) minus the part
+    :func:`heldout_source` reads, shuffled every epoch, with ``stages`` applied. ``augment``: seeded random-resized
+    crop (``data.crop_scale``) + flip, else the eval transform. ``batch_size`` overrides ``data.batch_size``."""
+    from robustfm.data import ShardBatchSource
+
+    return ShardBatchSource(
+        data.shards,
+        data.train_split,
+        data.image_size,
+        batch_size or data.batch_size,
+        train=augment,
+        shuffle=True,
+        seed=seed,
+        stages=stages,
+        crop_scale=data.crop_scale,
+        endpoint_url=data.s3_endpoint_url,
+        holdout_fraction=data.holdout_fraction,
+        holdout_role="exclude",
+    )
+
+
 def heldout_source(data: Any, seed: int, stages: Sequence[Any], max_batch: int = 64) -> Any:
     """The held-out part of ``data.train_split`` (every ``round(1 / data.holdout_fraction)``-th image, which training
     excludes), eval transform, fixed order, ``stages`` applied: the validation set of a sweep. Batches of at most

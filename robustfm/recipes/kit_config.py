@@ -13,6 +13,37 @@ from robustfm.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
+class ImageShardsConfig:
+    """Where a recipe's images come from and how they are cut: the fields every shard-reading recipe shares (a
+    recipe's data section subclasses it, sets its own defaults and adds what its method needs)."""
+
+    shards: str | None = None
+    """Shard directory (local or ``s3://``) written by ``jobs/prepare_data.py``. None: the demo data set is built
+    under ``output_dir/<name>/demo_data`` and used."""
+    train_split: str = "train"
+    """Split the model trains on (minus the held-out validation part)."""
+    holdout_fraction: float = 0.1
+    """Share of ``train_split`` held out (every ``round(1/fraction)``-th image) as a sweep's validation set."""
+    eval_split: str = "val"
+    """Split the milestone suites evaluate on (held-out images: never trained on)."""
+    image_size: int = 224
+    """Side of the square input."""
+    batch_size: int = 64
+    """Images per worker batch."""
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    """Area range of training random-resized crops."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint when not AWS (only the URL; credentials come from the environment)."""
+
+    def __post_init__(self) -> None:
+        check(0 <= self.holdout_fraction < 0.5, "holdout_fraction", self.holdout_fraction, "must be in [0, 0.5)")
+        check(self.image_size >= 16, "image_size", self.image_size, "must be >= 16")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        low, high = self.crop_scale
+        check(0 < low <= high <= 1, "crop_scale", self.crop_scale, "must satisfy 0 < low <= high <= 1")
+
+
+@dataclass(frozen=True)
 class MilestoneEvalConfig:
     """What is measured at each milestone (pretrained, after each stage) and on the WiSE-FT mixes."""
 
@@ -141,3 +172,13 @@ def missing_inputs(
         if looks_like_path and not value.startswith("s3://") and not Path(value).is_file():
             problems.append(f"{field_name}: weights file {value!r} does not exist")
     return problems
+
+
+def shard_recipe_inputs(cfg: RecipeConfig) -> list[str]:
+    """Local inputs a recipe whose ``data`` is an :class:`ImageShardsConfig` needs and lacks (its shards and their
+    splits, the weights file), as ``field: message`` lines."""
+    data = cfg.data
+    return missing_inputs(
+        {"data.shards": (data.shards, {"data.train_split": data.train_split, "data.eval_split": data.eval_split})},
+        {"model.pretrained": cfg.model.pretrained},
+    )

@@ -98,22 +98,7 @@ def perturbation_stage(data: PerturbFTDataConfig, seed: int) -> Any:
 
 def training_batches(cfg: PerturbFTRecipeConfig, seed: int) -> Any:
     """The training split minus its held-out part: each image, its edited copy and the teacher's target."""
-    from robustfm.data import ShardBatchSource
-
-    data = cfg.data
-    return ShardBatchSource(
-        data.shards,
-        data.train_split,
-        data.image_size,
-        data.batch_size,
-        train=True,
-        seed=seed,
-        stages=[perturbation_stage(data, seed), teacher_stage(cfg)],
-        crop_scale=data.crop_scale,
-        endpoint_url=data.s3_endpoint_url,
-        holdout_fraction=data.holdout_fraction,
-        holdout_role="exclude",
-    )
+    return kit.training_source(cfg.data, seed, [perturbation_stage(cfg.data, seed), teacher_stage(cfg)])
 
 
 # --- report --------------------------------------------------------------------------------------------------------

@@ -97,17 +97,17 @@ def test_the_attack_leaves_grads_and_train_mode_alone_and_is_the_same_in_any_bat
 
 
 def test_maximizers_stay_in_the_ball_and_the_sweep_picks_the_worst_edit():
-    from robustfm.methods.adversarial import apgd_points, worst_perturbation
+    from robustfm.methods.adversarial import InnerProblem, apgd_points, worst_perturbation
     from robustfm.perturbations import perturb, sweep
 
     task = _task().eval()
     batch = _batch(task, n=3)
     target = {"target": batch["target"]}
     seeds = batch["attack_seed"].tolist()
-    points = apgd_points(task.model.encode_image, batch["image"], target, task.config, seeds, task.model)
+    points = apgd_points(InnerProblem(task.model.encode_image, batch["image"], target, task.config, seeds, task.model))
     assert (points - batch["image"]).abs().max() <= EPS + 1e-6
     config = dataclasses.replace(task.config, maximizer="perturbation_sweep", perturbations=("brightness", "hue"))
-    worst = worst_perturbation(task.model.encode_image, batch["image"], target, config, seeds, task.model)
+    worst = worst_perturbation(InnerProblem(task.model.encode_image, batch["image"], target, config, seeds, task.model))
     with torch.no_grad():
         candidates = [perturb(batch["image"], n, v) for n in ("brightness", "hue") for v in sweep(n, 5)]
         losses = torch.stack([(task.model.encode_image(c) - batch["target"]).pow(2).sum(1) for c in candidates])
