@@ -32,13 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     args.suite = [item for item in args.suite if "=" not in item]
     cfg = resolve_job_config(EvaluateJobConfig, args)
 
+    from robustfm.config import ConfigError
     from robustfm.evals.model_ref import ModelRefError
     from robustfm.recipes.evaluate import evaluate
     from robustfm.registry import UnknownNameError
 
     try:
         evaluate(cfg, args.suite, args.model, args.compare_with)
-    except (ModelRefError, UnknownNameError) as err:
+    except (ModelRefError, UnknownNameError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

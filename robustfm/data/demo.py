@@ -31,6 +31,7 @@ from robustfm.data.demo_images import (
     draw_shape,
     gradient_background,
     horse_image_and_mask,
+    real_photos,
     save_image,
     save_mask,
     square_crop,
@@ -226,3 +227,21 @@ def write_demo_shards(
     )
     run(PrepareConfig(source=source_config, output=str(shards), shard_size=shard_size, progress=False))
     return shards
+
+
+TEXTURES = ("brick", "grass", "gravel")
+"""scikit-image's grayscale textures, used as backgrounds beside its colour photos."""
+
+
+def write_background_folder(out_dir: str | Path, image_size: int = 64) -> Path:
+    """A folder of real backgrounds (scikit-image's colour photos and textures, square, ``image_size`` px, PNG) for
+    COVAR's Bg-varied composites (``eval.suites.covar.backgrounds.folder``). Returns the folder."""
+    import skimage.data
+
+    out = Path(out_dir)
+    for name, pixels in real_photos(image_size).items():
+        save_image(pixels, out / f"{name}.png")
+    for name in TEXTURES:
+        gray = square_crop(np.stack([getattr(skimage.data, name)()] * 3, axis=-1), image_size)
+        save_image(gray, out / f"{name}.png")
+    return out

@@ -53,6 +53,7 @@ def open_shards(
     endpoint_url: str | None = None,
     columns: Sequence[str] | None = None,
     include_paths: bool = False,
+    min_blocks: int | None = None,
 ) -> ray.data.Dataset:
     """The rows of one split as a Ray Dataset, in manifest (shard, row) order.
 
@@ -61,6 +62,10 @@ def open_shards(
         endpoint_url: S3-compatible endpoint when not AWS (else ``$AWS_ENDPOINT_URL``).
         columns: columns to read (default: all).
         include_paths: add a ``path`` column naming each row's shard file.
+        min_blocks: when the split has fewer shard files than this, split its rows into this many blocks (one
+            block per file otherwise). An actor pool hands out work by blocks: one shard is one actor's task, so a
+            pool scoring one or two shards with heavy per-row work needs more blocks to use all its actors. The
+            split materializes the rows, which stays small because it happens only for a few files.
 
     Raises:
         ManifestError: when ``path`` holds no finished conversion or has no ``split``.
@@ -82,6 +87,9 @@ def open_shards(
     # A projection after the read: Ray Data pushes it down into the Parquet reader (only these columns are read).
     if columns is not None:
         dataset = dataset.select_columns([*columns, *(["path"] if include_paths else [])])
+    rows = sum(int(shard["rows"]) for shard in shards)
+    if min_blocks is not None and len(files) < min_blocks and rows > len(files):
+        dataset = dataset.repartition(min(min_blocks, rows))  # keeps the row order (no shuffle)
     return dataset
 
 

@@ -341,6 +341,20 @@ class SplitListing:
         check_columns(self.columns, wanted, self.location, reader)
         return {name: self.columns[name] for name in wanted}
 
+    def read_rows(self, columns: Sequence[str], limit: int | None = None) -> dict[str, list[Any]]:
+        """The first ``limit`` rows (None: all) of ``columns``, in shard order, read without Ray (small reads on the
+        driver: a background pool, an export of a few samples). Columns are checked first, named when missing."""
+        self.read_columns(columns, "this read")
+        fs = self.location.filesystem()
+        out: dict[str, list[Any]] = {name: [] for name in columns}
+        for shard in self.shards:
+            if limit is not None and len(out[columns[0]]) >= limit:
+                break
+            table = pq.read_table(self.location.join(shard["file"]), filesystem=fs, columns=list(columns))
+            for name in columns:
+                out[name].extend(table.column(name).to_pylist())
+        return {name: values[:limit] for name, values in out.items()}
+
 
 def list_split(location: Location, split: str) -> SplitListing:
     """The manifest's listing of ``split`` at ``location``.

@@ -46,6 +46,9 @@ class ScoringActor(ABC):
 
     needs_gradients: ClassVar[bool] = False
     """True for scorers that differentiate through the model (attacks, relevance maps); see the module docstring."""
+    keeps_encoded_image: ClassVar[bool] = False
+    """True for scorers that read the encoded ``image`` bytes themselves (e.g. its stored size, to check a mask
+    against it); otherwise :meth:`score` gets the batch without them (the decoded pixels carry the image)."""
 
     def __init__(
         self,
@@ -128,7 +131,8 @@ class ScoringActor(ABC):
         good = [i for i, reason in enumerate(reasons) if reason is None]
         rows: list[dict[str, Any]] = []
         if good:
-            subset = {key: np.asarray(values)[good] for key, values in batch.items() if key != "image"}
+            kept = [key for key in batch if key != "image" or self.keeps_encoded_image]
+            subset = {key: np.asarray(batch[key])[good] for key in kept}
             subset["id"] = np.asarray([ids[i] for i in good], dtype=object)
             with self._scoring_mode():
                 rows = self.score(subset, torch.from_numpy(pixels).to(self.device))

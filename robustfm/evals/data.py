@@ -79,8 +79,15 @@ def _png(image: Any) -> bytes:
     return buffer.getvalue()
 
 
-def load_eval_dataset(data: EvalDataConfig, seed: int, columns: Sequence[str], reader: str = "this suite") -> Any:
-    """A ``ray.data.Dataset`` of the rows to score, restricted to ``columns`` (``id`` and ``image`` always).
+def load_eval_dataset(
+    data: EvalDataConfig,
+    seed: int,
+    columns: Sequence[str],
+    reader: str = "this suite",
+    min_blocks: int | None = None,
+) -> Any:
+    """A ``ray.data.Dataset`` of the rows to score, restricted to ``columns`` (``id`` and ``image`` always), in at
+    least ``min_blocks`` blocks (so that every actor of a pool gets work even from one shard file).
 
     ``holdout_fraction`` leaves out every ``round(1/fraction)``-th row in manifest order (as training does), then
     ``max_samples`` keeps the first N rows by id, so the same ids are scored whatever the shard layout.
@@ -99,7 +106,7 @@ def load_eval_dataset(data: EvalDataConfig, seed: int, columns: Sequence[str], r
     from robustfm.data.shards import require_columns
 
     require_columns(data.shards, wanted, reader=reader)  # the shards' own columns (schema v2 declares extra ones)
-    dataset = open_shards(data.shards, data.split, columns=wanted)
+    dataset = open_shards(data.shards, data.split, columns=wanted, min_blocks=min_blocks)
     if data.max_samples is not None or data.holdout_fraction > 0:
         # The ids are chosen from the id column alone (manifest order: reads keep it); a Ray Data sort would move
         # every image's bytes.

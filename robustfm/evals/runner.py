@@ -53,6 +53,7 @@ class SuiteResult:
         artifact_dir: where metrics.json, protocol.json, table.csv/json and plots/ were written.
         run_id: the MLflow run of this suite (None without a tracker).
         seconds: wall time of the Ray part (scoring) and of the whole suite.
+        actors: how many actors of the pool scored rows (not part of the protocol: it says how work spread).
         params: the resolved scorer parameters.
         stage: the training stage this evaluation followed, if any.
         rows: every scored row as columns (only with ``keep_rows``).
@@ -69,6 +70,7 @@ class SuiteResult:
     artifact_dir: Path
     run_id: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    actors: int = 0
     stage: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     rows: dict[str, np.ndarray] | None = None
@@ -95,7 +97,9 @@ def score_rows(
     # Datasets capture the current context when they are created: set the wait before, restore it after.
     context.wait_for_min_actors_s = pool.wait_for_min_actors_s or -1
     try:
-        dataset = suite.shape_dataset(load_eval_dataset(suite.data, cfg.seed, suite.columns, f"suite {suite.name!r}"))
+        # A few blocks per actor, so that the whole pool works even when the data is one shard file.
+        rows = load_eval_dataset(suite.data, cfg.seed, suite.columns, f"suite {suite.name!r}", 4 * pool.max_actors)
+        dataset = suite.shape_dataset(rows)
         params = suite.scorer_params(dataset)
         scored = dataset.map_batches(
             suite.scorer,
@@ -195,6 +199,7 @@ def run_suite(
     write_artifacts(result)
     result.run_id = log_result(result, tracker or NullTracker(), parent_run_id) or None
     result.seconds = {"scoring": scored_s, "total": time.perf_counter() - started}
+    result.actors = len(np.unique(np.asarray(rows["actor_pid"])))
     return result
 
 
@@ -319,7 +324,7 @@ def summarize(results: Sequence[SuiteResult]) -> str:
     for result in results:
         lines.append(
             f"[{result.suite}] {result.model}: {result.counts['scored']} scored, "
-            f"{result.counts['skipped']} skipped, {result.seconds.get('total', 0.0):.1f}s, "
+            f"{result.counts['skipped']} skipped, {result.seconds.get('total', 0.0):.1f}s on {result.actors} actor(s), "
             f"protocol {result.protocol['fingerprint']}, artifacts {result.artifact_dir}"
         )
         headline = {k: v for k, v in result.metrics.items() if k.count("/") <= 1}

@@ -99,6 +99,13 @@ class Suite(ABC):
         column of encoded bytes (the scorer decodes it). Default: unchanged."""
         return dataset
 
+    @classmethod
+    def settings_problems(cls, section: Any) -> list[str]:
+        """What is wrong with this suite's section that only files can tell (a missing pool, an unknown name whose
+        registry imports torch), as messages naming the field; checked on the driver before Ray starts. Default:
+        nothing (the config class's own checks already ran)."""
+        return []
+
     def scorer_params(self, dataset: Any) -> dict[str, Any]:
         """Plain-data parameters handed to every actor (resolved names, prompts, class names...)."""
         return {}

@@ -127,11 +127,12 @@ def patch_features(model: nn.Module, pixels: torch.Tensor, cluster_on: str = "fi
 
 
 def cluster_patches(features: torch.Tensor, k: int, seed: int, n_init: int = 10) -> torch.Tensor:
-    """K-means labels ``(P,)`` of one image's patch features ``(P, C)`` (sklearn, float64, ``random_state=seed``)."""
+    """K-means labels ``(P,)`` of one image's patch features ``(P, C)`` (sklearn, float64, ``random_state=seed``;
+    any integer seed, e.g. a 64-bit :func:`robustfm.seeding.sample_seed`, is folded into sklearn's 32-bit range)."""
     from sklearn.cluster import KMeans
 
     points = features.detach().to("cpu", torch.float64).numpy()
-    labels = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(points)
+    labels = KMeans(n_clusters=k, n_init=n_init, random_state=int(seed) % 2**32).fit_predict(points)
     return torch.from_numpy(labels).long()
 
 

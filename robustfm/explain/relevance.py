@@ -192,6 +192,10 @@ def relevance(
     method = RELEVANCE.get(name)
     check_pixels(pixels)
     score_fn = resolve_score(model, target, pixels.shape[0])
+    if not create_graph and not pixels.requires_grad:
+        # A frozen model (an evaluation actor's) has no parameter that requires grad: without this leaf the
+        # attention maps and activations the methods differentiate would not be in any graph.
+        pixels = pixels.detach().requires_grad_(True)
     with torch.enable_grad():
         maps = method(model, pixels, score_fn, create_graph=create_graph, **options)
     if maps.ndim != 3 or maps.shape[0] != pixels.shape[0]:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from robustfm.config.core import to_dict
+from robustfm.config.core import ConfigError, to_dict
 from robustfm.evals.config import EvaluateJobConfig
 from robustfm.evals.model_ref import parse_model_ref
 from robustfm.evals.runner import SuiteResult, run_suites, runnable_suites, safe_name, summarize
@@ -40,7 +40,8 @@ def evaluate(
     """Run ``suites`` (or ``["all"]``) on ``model`` (and ``compare_with``), log everything, write the report card.
 
     Raises:
-        robustfm.evals.model_ref.ModelRefError / UnknownNameError: before Ray starts, for a bad model or suite name.
+        robustfm.evals.model_ref.ModelRefError / UnknownNameError / ConfigError: before Ray starts, for a bad model
+            or suite name, or a suite section whose files are missing (``Suite.settings_problems``).
     """
     from robustfm.evals import SUITES
     from robustfm.evals.report import write_report_card
@@ -49,6 +50,9 @@ def evaluate(
     model_a = parse_model_ref(model)
     model_b = parse_model_ref(compare_with) if compare_with else None
     names = runnable_suites(cfg.eval) if list(suites) == ["all"] else [SUITES.check(s) for s in suites]
+    problems = [p for name in names for p in SUITES.get(name).settings_problems(cfg.eval.suites[name])]
+    if problems:
+        raise ConfigError("", "\n".join(problems))
     ensure_ray(cfg)
     tracker = create_tracker(cfg.tracking)
     try:

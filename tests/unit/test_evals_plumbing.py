@@ -29,7 +29,8 @@ def test_import_is_light():
 
 
 def test_registry_lists_the_shipped_suites_and_each_declares_directions():
-    shipped = ["corruption_detection", "embedding_robustness", "feature_inversion", "knn_detection"]
+    shipped = ["corruption_detection", "covar", "embedding_robustness", "faithfulness", "feature_inversion"]
+    shipped += ["knn_detection"]
     shipped += ["landmark_retrieval", "retrieval"]
     shipped += ["two_afc", "zero_shot"]
     assert SUITES.names() == shipped

@@ -59,6 +59,23 @@ def test_maps_have_the_grid_shape_are_finite_and_detached(model, pixels, method)
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_a_frozen_model_gives_the_same_maps(model, pixels, method):
+    """Evaluation actors freeze every parameter: the maps must not depend on a parameter requiring grad."""
+    with torch.no_grad():
+        expected = relevance(method, model, pixels, target_for(model))
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        with torch.no_grad():
+            frozen = relevance(method, model, pixels, target_for(model))
+    finally:
+        for parameter, flag in zip(model.parameters(), flags, strict=True):
+            parameter.requires_grad_(flag)
+    torch.testing.assert_close(frozen, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_a_loss_on_the_map_trains_the_attention_weights(model, pixels, method):
     maps = relevance(method, model, pixels, target_for(model), create_graph=True)
     assert maps.requires_grad

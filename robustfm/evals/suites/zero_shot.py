@@ -6,7 +6,8 @@ Conditions: ``clean``; ``<corruption>:<severity>`` for each corruption and sever
 ``<perturbation>:<value>`` for each value of ``robustfm.perturbations.sweep(name, perturbation_steps)``; with
 ``attacks``, ``apgd_ce_<norm>:<eps>``, ``apgd_t_<norm>:<eps>`` and ``attacks_<norm>:<eps>`` (robust to all of them)
 on a fixed hashed subset of the images (:mod:`robustfm.evals.zero_shot_attacks`; logits scaled by the model's logit
-scale). Version 2 added the attack conditions.
+scale). The classes are those present in the data, or all of ImageNet-1k (``label_space``,
+:mod:`robustfm.evals.label_spaces`). Version 2 added the attack conditions, version 3 the label space.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class ZeroShotConfig:
     """Labelled images (``label``, ``class_name`` columns); class names are read from the data, ordered by label."""
     templates: tuple[str, ...] = CLASS_TEMPLATES
     """Prompt templates with one ``{}`` for the class name; a class's text embedding is their normalized mean."""
+    label_space: Literal["present", "imagenet1k"] = "present"
+    """The classes chosen among: those the evaluated images carry, or all 1,000 ImageNet classes (the data's class
+    names are then wnids or ImageNet lemmas; see :mod:`robustfm.evals.label_spaces`)."""
     corruptions: tuple[str, ...] | None = None
     """Corruptions to evaluate under (None: ``seen`` + ``unseen`` sets; empty: none, clean and perturbations only)."""
     severities: tuple[int, ...] = (3,)
@@ -108,14 +112,9 @@ class ZeroShotScorer(ScoringActor):
     """Cosine logits of each image against every class, clean and under every condition."""
 
     def setup(self) -> None:
-        import torch
+        from robustfm.evals.class_logits import class_text_embeddings
 
-        class_embeddings = []
-        for class_name in self.params["class_names"]:
-            texts = [template.format(class_name) for template in self.params["templates"]]
-            mean = self.model.encode_text(texts, normalize=True).float().mean(0)
-            class_embeddings.append(mean / mean.norm())
-        self.class_embeddings = torch.stack(class_embeddings)  # [C, E]
+        self.class_embeddings = class_text_embeddings(self.model, self.params["class_names"], self.params["templates"])
 
     def output_fields(self) -> dict[str, FieldSpec]:
         return {
@@ -134,7 +133,7 @@ class ZeroShotScorer(ScoringActor):
         from robustfm.perturbations import perturb
 
         ids = [str(i) for i in batch["id"]]
-        index_of = {label: index for index, label in enumerate(self.params["class_labels"])}
+        index_of = self.params["index_of"]
         labels = [index_of.get(int(label), -1) for label in batch["label"]]  # -1: unlabelled
         rows = self._rows(ids, labels, pixels, CLEAN)
         for corruption in self.params["corruptions"]:
@@ -171,7 +170,7 @@ class ZeroShotAttackScorer(ZeroShotScorer):
 
         with torch.no_grad():
             rows = super().score(batch, pixels)
-        index_of = {label: index for index, label in enumerate(self.params["class_labels"])}
+        index_of = self.params["index_of"]
         labels = [index_of.get(int(label), -1) for label in batch["label"]]
         ids = [str(i) for i in batch["id"]]
         scored = attack_rows(
@@ -183,7 +182,7 @@ class ZeroShotAttackScorer(ZeroShotScorer):
 @SUITES.register("zero_shot", config=ZeroShotConfig)
 class ZeroShotSuite(Suite):
     name = "zero_shot"
-    version = "2"
+    version = "3"
     scorer = ZeroShotScorer
     columns = ("label", "class_name")
     sort_keys = ("id", "condition")
@@ -208,6 +207,7 @@ class ZeroShotSuite(Suite):
 
     def scorer_params(self, dataset: Any) -> dict[str, Any]:
         from robustfm.corruptions import CORRUPTION_SETS, CORRUPTIONS
+        from robustfm.evals.label_spaces import resolve_label_space
         from robustfm.perturbations import PERTURBATIONS, sweep
 
         default_corruptions = list(CORRUPTION_SETS["seen"]) + list(CORRUPTION_SETS["unseen"])
@@ -220,6 +220,7 @@ class ZeroShotSuite(Suite):
         steps = self.section.perturbation_steps
         classes = class_names_by_label(dataset)
         section = self.section
+        space = resolve_label_space(section.label_space, classes)
         attacked: list[str] = []
         if section.attacks:
             if "apgd_t" in section.attacks and len(classes) < 4:
@@ -228,8 +229,8 @@ class ZeroShotSuite(Suite):
             known = table["label"].isin(list(classes))
             attacked = attack_subset(table["id"].astype(str), table["label"].where(known, -1), section.attack_samples)
         return {
-            "class_names": list(classes.values()),
-            "class_labels": list(classes),
+            "class_names": space.class_names,
+            "index_of": space.index_of,
             "templates": list(self.section.templates),
             "corruptions": corruptions,
             "severities": list(self.section.severities),
