@@ -44,7 +44,7 @@ def test_attack_conditions_are_scored_and_recorded(ray_session, tmp_path):
         assert both <= min(metrics[f"apgd_ce_linf:{eps:g}/robust_top1"], metrics[f"apgd_t_linf:{eps:g}/robust_top1"])
     assert metrics["attacks_linf:0.5/robust_top1"] == 0
     protocol = result.protocol
-    assert protocol["suite"]["version"] == "2"
+    assert protocol["suite"]["version"] == "3"
     recorded = protocol["params"]["resolved"]["attack_subset"]
     assert recorded == {"num_samples": 6, "sample_ids_sha256": ids_hash(subset)}
     assert "attack_ids" not in protocol["params"]["resolved"]

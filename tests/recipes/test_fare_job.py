@@ -86,7 +86,7 @@ def test_fare_runs_resumes_and_exports_a_model_open_clip_loads(demo_shards, tmp_
     assert "demo_data/two_afc/shards" in two_afc["data"]["source"] and two_afc["data"]["split"] == "test"
     assert two_afc["params"]["resolved"]["attack_subset"]["num_samples"] == 4
     protocol = json.loads(next((out / "eval").rglob("zero_shot/protocol.json")).read_text())
-    assert protocol["suite"]["version"] == "2" and protocol["params"]["resolved"]["attack_subset"]["num_samples"] == 6
+    assert protocol["suite"]["version"] == "3" and protocol["params"]["resolved"]["attack_subset"]["num_samples"] == 6
 
     # The export loads strictly in open_clip; only the image tower moved.
     import open_clip
