@@ -84,10 +84,12 @@ def load_eval_dataset(
     seed: int,
     columns: Sequence[str],
     reader: str = "this suite",
-    min_blocks: int | None = None,
+    min_blocks: int = 8,
+    rows_per_block: int | None = None,
 ) -> Any:
     """A ``ray.data.Dataset`` of the rows to score, restricted to ``columns`` (``id`` and ``image`` always), in at
-    least ``min_blocks`` blocks (so that every actor of a pool gets work even from one shard file).
+    least ``min_blocks`` blocks (so that every actor of a pool gets work even from one shard file); synthetic rows
+    come in blocks of ``rows_per_block`` (an actor pool hands out whole blocks: one batch each balances it best).
 
     ``holdout_fraction`` leaves out every ``round(1/fraction)``-th row in manifest order (as training does), then
     ``max_samples`` keeps the first N rows by id, so the same ids are scored whatever the shard layout.
@@ -100,7 +102,8 @@ def load_eval_dataset(
         if data.max_samples is not None:
             rows = sorted(rows, key=lambda r: r["id"])[: data.max_samples]
         # Several blocks, so that an actor pool has batches to share even on tiny data.
-        blocks = max(1, min(len(rows), 8))
+        blocks = max(min_blocks, -(-len(rows) // rows_per_block) if rows_per_block else 0)
+        blocks = max(1, min(len(rows), blocks))
         return ray.data.from_items([{k: r[k] for k in wanted} for r in rows], override_num_blocks=blocks)
     from robustfm.data import open_shards
     from robustfm.data.shards import require_columns

@@ -98,7 +98,8 @@ def score_rows(
     context.wait_for_min_actors_s = pool.wait_for_min_actors_s or -1
     try:
         # A few blocks per actor, so that the whole pool works even when the data is one shard file.
-        rows = load_eval_dataset(suite.data, cfg.seed, suite.columns, f"suite {suite.name!r}", 4 * pool.max_actors)
+        reader = f"suite {suite.name!r}"
+        rows = load_eval_dataset(suite.data, cfg.seed, suite.columns, reader, 4 * pool.max_actors, pool.batch_size)
         dataset = suite.shape_dataset(rows)
         params = suite.scorer_params(dataset)
         scored = dataset.map_batches(
@@ -114,7 +115,11 @@ def score_rows(
             },
             batch_size=pool.batch_size,
             batch_format="numpy",
-            compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+            # At most 2 blocks queued per actor (Ray's default is 4): one scoring, one waiting, so that an actor
+            # that started late is not left idle while another holds a backlog.
+            compute=ActorPoolStrategy(
+                min_size=pool.min_actors, max_size=pool.max_actors, max_tasks_in_flight_per_actor=2
+            ),
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus or None,
         )
