@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from robustfm.data.batch_source import ShardBatchSource, Stage
     from robustfm.data.columns import SCHEMA_VERSION, ColumnKind, ColumnSpec, shard_schema
-    from robustfm.data.config import PrepareConfig, ShardDataConfig, SourceConfig
+    from robustfm.data.config import PrepareConfig, SourceConfig
     from robustfm.data.demo import write_demo_shards
     from robustfm.data.frozen_stage import EmbeddingLoader, frozen_model_stage
     from robustfm.data.images import ImageDecodeError, SkipReason, inspect_image, load_rgb
@@ -33,7 +33,6 @@ _EXPORTS = {
     "ShardBatchSource": "batch_source",
     "Stage": "batch_source",
     "PrepareConfig": "config",
-    "ShardDataConfig": "config",
     "SourceConfig": "config",
     "write_demo_shards": "demo",
     "EmbeddingLoader": "frozen_stage",
@@ -82,7 +81,6 @@ __all__ = [
     "SCHEMA_VERSION",
     "SOURCES",
     "ShardBatchSource",
-    "ShardDataConfig",
     "SkipReason",
     "SourceConfig",
     "SourceItem",

@@ -95,29 +95,3 @@ class PrepareConfig:
             "<redacted>",
             "must hold only the endpoint URL, never credentials",
         )
-
-
-@dataclass(frozen=True)
-class ShardDataConfig:
-    """Reading shards for training and evaluation (used by recipes to build a ``ShardBatchSource``)."""
-
-    path: str = "data/shards"
-    """Directory or ``s3://bucket/prefix`` written by ``jobs/prepare_data.py``."""
-    train_split: str = "train"
-    """Split used for training."""
-    eval_split: str = "val"
-    """Split used for evaluation."""
-    image_size: int = 224
-    """Side of the square crops fed to the model."""
-    batch_size: int = 64
-    """Per-worker batch size."""
-    crop_scale: tuple[float, float] = (0.9, 1.0)
-    """Area fraction range of training random-resized crops (open_clip's fine-tuning default)."""
-    s3_endpoint_url: str | None = None
-    """As in :class:`PrepareConfig`: only the endpoint URL."""
-
-    def __post_init__(self) -> None:
-        check(self.image_size > 0, "image_size", self.image_size, "must be positive")
-        check(self.batch_size > 0, "batch_size", self.batch_size, "must be positive")
-        low, high = self.crop_scale
-        check(0 < low <= high <= 1, "crop_scale", self.crop_scale, "must satisfy 0 < low <= high <= 1")
