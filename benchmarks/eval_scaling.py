@@ -2,8 +2,10 @@
 
     python benchmarks/eval_scaling.py                        # embedding_robustness, tiny CLIP, 1 and 2 actors
     python benchmarks/eval_scaling.py --actors 1 2 4 8 --model open_clip/ViT-B-32 --samples 256
-    python benchmarks/eval_scaling.py --suite two_afc --set 'threats=[]'                  # 2AFC clean
+    python benchmarks/eval_scaling.py --suite two_afc --set 'threats=[]' --samples 4096 --batch-size 64  # 2AFC clean
     python benchmarks/eval_scaling.py --suite two_afc --set attack_steps=10 --samples 32   # 2AFC robust (Linf, L2)
+    python benchmarks/eval_scaling.py --suite covar --actor-cpus 0.5 --batch-size 4 --set data.shards=SHARDS \
+        --set data.split=val --set backgrounds.folder=BACKGROUNDS          # COVAR on shards with masks
 
 Each actor reserves 1 CPU and runs ``torch.set_num_threads(1)``, so N actors use N cores and the comparison is fair
 on a 2-core machine. Throughput is measured inside the actors, from the start of the first batch to the end of the
@@ -72,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5, help="alternating repeats (>= 5 advised); median decides")
+    parser.add_argument(
+        "--actor-cpus", type=float, default=1.0,
+        help="CPUs each actor reserves (suites that read shards: 0.5, so that Ray Data's read tasks can run beside "
+        "actors that hold every core; each actor still runs one thread)",
+    )  # fmt: skip
     parser.add_argument("--actors", type=int, nargs="+", default=None, help="default: 1, 2, 4, ... up to the cores")
     parser.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE", help="a field of the suite's section (YAML value)"
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EvalConfig(seed=0)
         for path, value in {
             f"suites.{args.suite}.data.synthetic_samples": args.samples,
-            "pool.min_actors": actors, "pool.max_actors": actors, "pool.num_cpus": 1.0, "pool.threads": 1,
+            "pool.min_actors": actors, "pool.max_actors": actors, "pool.num_cpus": args.actor_cpus, "pool.threads": 1,
             "pool.batch_size": args.batch_size,
         }.items():  # fmt: skip
             cfg = replace_path(cfg, path, value)

@@ -46,6 +46,10 @@ def ordered_execution() -> None:
     DataContext.get_current().execution_options.preserve_order = True
 
 
+SMALL_SPLIT_BYTES = 256 * 2**20
+"""Below this, a split read for an actor pool is re-blocked (:func:`open_shards` ``min_blocks``)."""
+
+
 def open_shards(
     path: str,
     split: str = "train",
@@ -62,10 +66,10 @@ def open_shards(
         endpoint_url: S3-compatible endpoint when not AWS (else ``$AWS_ENDPOINT_URL``).
         columns: columns to read (default: all).
         include_paths: add a ``path`` column naming each row's shard file.
-        min_blocks: when the split has fewer shard files than this, split its rows into this many blocks (one
-            block per file otherwise). An actor pool hands out work by blocks: one shard is one actor's task, so a
-            pool scoring one or two shards with heavy per-row work needs more blocks to use all its actors. The
-            split materializes the rows, which stays small because it happens only for a few files.
+        min_blocks: when the split has fewer shard files than this, or is small (< ``SMALL_SPLIT_BYTES``), split
+            its rows into at least this many blocks. An actor pool hands out work by blocks: one block is one
+            actor's task, so a pool scoring a small split with heavy per-row work needs several blocks to use all
+            its actors. The split materializes the rows, which stays small: it happens only for few or small files.
 
     Raises:
         ManifestError: when ``path`` holds no finished conversion or has no ``split``.
@@ -88,8 +92,11 @@ def open_shards(
     if columns is not None:
         dataset = dataset.select_columns([*columns, *(["path"] if include_paths else [])])
     rows = sum(int(shard["rows"]) for shard in shards)
-    if min_blocks is not None and len(files) < min_blocks and rows > len(files):
-        dataset = dataset.repartition(min(min_blocks, rows))  # keeps the row order (no shuffle)
+    # Ray Data coalesces blocks below ~1 MiB, so a small split (12 shards of 100 KB) arrives as ONE block whatever
+    # its file count; a large one has files enough and big blocks, and is never materialized here.
+    small = sum(int(shard.get("bytes", 0)) for shard in shards) < SMALL_SPLIT_BYTES
+    if min_blocks is not None and (len(files) < min_blocks or small) and rows > 1:
+        dataset = dataset.repartition(min(max(min_blocks, len(files)), rows))  # keeps the row order (no shuffle)
     return dataset
 
 

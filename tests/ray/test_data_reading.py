@@ -155,3 +155,16 @@ def test_validation_batches_and_the_evaluation_suites_see_identical_pixels(demo_
         suites, reasons = decode_batch(rows["image"], rows["id"], size)
         assert ids == rows["id"] and reasons == [None] * len(ids)
         np.testing.assert_array_equal(pixels.numpy(), suites)
+
+
+def test_a_small_split_read_for_an_actor_pool_comes_in_several_blocks_in_order(demo_shards):
+    # 24 train images in 3 shards of ~25 KB: Ray Data would hand them over as one coalesced block, i.e. to one actor.
+    whole = [len(b["id"]) for b in open_shards(demo_shards, "train", columns=["id"]).iter_batches(batch_size=None)]
+    blocks = open_shards(demo_shards, "train", columns=["id"], min_blocks=8).iter_batches(batch_size=None)
+    sizes, ids = [], []
+    for block in blocks:
+        sizes.append(len(block["id"]))
+        ids.extend(str(i) for i in block["id"])
+    assert len(sizes) >= 8 and sum(sizes) == 24 and len(whole) < len(sizes)
+    in_order = [str(i) for b in open_shards(demo_shards, "train", columns=["id"]).iter_batches() for i in b["id"]]
+    assert ids == in_order  # re-blocking keeps the manifest order
