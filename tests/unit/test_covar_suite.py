@@ -256,3 +256,11 @@ def test_protocol_hashes_the_pool_and_records_the_offline_deviations(backgrounds
     assert len(record["backgrounds"]["ids_sha256"]) == 64
     assert any("viewpoint" in line for line in record["offline_deviations"])
     assert record["cci_k"] == 4 and record["canvas"] == "background"
+
+
+def test_k_beyond_the_patches_fails_when_the_actor_builds_the_model(backgrounds):
+    from robustfm.evals.model_ref import ModelRef
+    from robustfm.evals.suites.covar import CovarScorer
+
+    with pytest.raises(ValueError, match="cci_k = 65 exceeds the model's 64 patches"):
+        CovarScorer(ModelRef("timm/tiny-vit"), _params(backgrounds, cci_k=65), seed=0)

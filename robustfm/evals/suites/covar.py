@@ -103,6 +103,9 @@ class CovarScorer(ScoringActor):
             self.model, params["class_names"], params["templates"], params["index_of"],
             head_indexed=params["label_space"] == "present",
         )  # fmt: skip
+        grid, k = getattr(self.model, "grid_size", None), params["cci_k"]
+        if params["error_analysis"] and grid is not None and k > grid[0] * grid[1]:
+            raise ValueError(f"eval.suites.covar.cci_k = {k} exceeds the model's {grid[0] * grid[1]} patches")
         ids = sorted(params["backgrounds"])
         pixels, reasons = decode_batch([params["backgrounds"][i] for i in ids], ids, self.model.image_size)
         self.bad_backgrounds = [i for i, reason in zip(ids, reasons, strict=True) if reason is not None]
