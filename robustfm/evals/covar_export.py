@@ -9,13 +9,13 @@ the matching ``..._mask.png`` (0/255), ``DIR/<id>/params.json`` with every drawn
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from robustfm.evals.covar_inputs import backgrounds_of, foreground_mask, load_backgrounds
+from robustfm.evals.runner import safe_name
 
 
 def _png(pixels: Any, path: Path) -> None:
@@ -24,10 +24,6 @@ def _png(pixels: Any, path: Path) -> None:
     array = np.asarray(pixels)
     array = array.transpose(1, 2, 0) if array.ndim == 3 and array.shape[0] in (1, 3) else array
     Image.fromarray(np.clip(np.rint(array * 255), 0, 255).astype(np.uint8).squeeze()).save(path)
-
-
-def _file_stem(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "_"
 
 
 def export_variants(section: Any, out_dir: str | Path, *, image_size: int = 224, samples: int = 8, seed: int = 0):
@@ -66,11 +62,11 @@ def export_variants(section: Any, out_dir: str | Path, *, image_size: int = 224,
             skipped[sample] = problem
             continue
         chosen = {b: pool[b] for b in backgrounds_of(sample, sorted(pool), section.n_backgrounds, seed)}
-        folder = out / _file_stem(sample)
+        folder = out / safe_name(sample)
         folder.mkdir(parents=True, exist_ok=True)
         generated = covar_rows(image, mask, chosen, sample, variants=section.variants, seed=seed, canvas=section.canvas)
         for subset, background, pixels, variant_mask in generated:
-            stem = subset + (f"__{_file_stem(background)}" if background else "")
+            stem = subset + (f"__{safe_name(background)}" if background else "")
             _png(pixels, folder / f"{stem}.png")
             _png(variant_mask, folder / f"{stem}_mask.png")
             written += 1
