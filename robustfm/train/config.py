@@ -28,8 +28,14 @@ class StageConfig:
     """Decoupled weight decay per trainable group (absent: 0)."""
     warmup_steps: int = 0
     """Optimizer steps of linear warmup from 0 to the peak learning rate."""
-    schedule: Literal["cosine", "constant"] = "cosine"
-    """After warmup: cosine decay to ``min_lr_ratio`` x peak over the stage's steps, or constant."""
+    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    """After warmup: cosine decay to ``min_lr_ratio`` x peak over the stage's steps, constant, or ``step``: peak x
+    ``step_gamma`` ** floor(epoch / ``step_every_epochs``), the epoch counted within the stage (the CFT authors'
+    ``lr * 0.85 ** (epoch // 2)``)."""
+    step_gamma: float = 0.85
+    """``step`` schedule: factor applied every ``step_every_epochs`` epochs."""
+    step_every_epochs: int = 2
+    """``step`` schedule: epochs between two decays."""
     min_lr_ratio: float = 0.0
     """Floor of the cosine decay as a fraction of each group's peak learning rate."""
     loss_weights: dict[str, float] = field(default_factory=FrozenDict)
@@ -57,6 +63,8 @@ class StageConfig:
             check(value >= 0, f"weight_decay.{group}", value, "must be >= 0")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        check(0.0 < self.step_gamma <= 1.0, "step_gamma", self.step_gamma, "must be in (0, 1]")
+        check(self.step_every_epochs >= 1, "step_every_epochs", self.step_every_epochs, "must be >= 1")
         check(len(self.loss_weights) > 0, "loss_weights", dict(self.loss_weights), "must weight at least one loss")
         for name, weight in self.loss_weights.items():
             check(weight >= 0, f"loss_weights.{name}", weight, "must be >= 0")

@@ -40,12 +40,15 @@ class InjectedFault(RuntimeError):
     """Raised (local launcher) where ``fail_at_step`` kills a worker."""
 
 
-def learning_rate(peak: float, step: int, total_steps: int, stage: StageConfig) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine to ``min_lr_ratio * peak`` at ``total_steps`` (or constant)."""
+def learning_rate(peak: float, step: int, total_steps: int, stage: StageConfig, epoch: int = 0) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine to ``min_lr_ratio * peak`` at ``total_steps``, constant, or
+    decayed by ``step_gamma`` every ``step_every_epochs`` epochs (``epoch``: within the stage)."""
     if step < stage.warmup_steps:
         return peak * (step + 1) / stage.warmup_steps
     if stage.schedule == "constant":
         return peak
+    if stage.schedule == "step":
+        return peak * stage.step_gamma ** (epoch // stage.step_every_epochs)
     progress = min(1.0, (step - stage.warmup_steps) / max(1, total_steps - stage.warmup_steps))
     return peak * (stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -300,7 +303,10 @@ def _run_stage(
             step_samples = 0
             for index, batch in zip(range(skip, usable), batches, strict=False):
                 if index % accum == 0:
-                    lrs = [learning_rate(peak, position.stage_step, total_steps, stage) for peak in peak_lrs]
+                    lrs = [
+                        learning_rate(peak, position.stage_step, total_steps, stage, position.epoch)
+                        for peak in peak_lrs
+                    ]
                     runtime.set_learning_rates(lrs)
                 boundary = (index + 1) % accum == 0
                 losses, grad_norm = runtime.micro_step(batch, stage.loss_weights, boundary)

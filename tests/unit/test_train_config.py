@@ -98,3 +98,32 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine():
     assert lrs[4] == pytest.approx(1.0)
     assert lrs[12] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False)) and lrs[-1] > 0.1
+
+
+def test_step_schedule_decays_every_few_epochs_of_the_stage():
+    stage = _load("stages.tune.schedule=step", "stages.tune.epochs=5").stages["tune"]
+    lrs = [learning_rate(1.0, 3, 20, stage, epoch) for epoch in range(5)]
+    assert lrs == pytest.approx([1.0, 1.0, 0.85, 0.85, 0.85**2])  # the CFT authors' lr * 0.85 ** (epoch // 2)
+    with pytest.raises(ConfigError, match="stages.tune.step_gamma"):
+        _load("stages.tune.schedule=step", "stages.tune.step_gamma=1.5")
+
+
+def test_the_training_loop_gives_the_step_schedule_its_epoch(tmp_path):
+    from robustfm.runtime import free_loopback_port
+    from robustfm.train.launchers import LocalWorkerContext, destroy_local_process_group, init_local_process_group
+    from robustfm.train.loop import train_worker
+    from robustfm.train.reporting import TrackingSpec
+
+    cfg = _load(
+        "launcher=local", "log_every_steps=1", "stages.tune.schedule=step", "stages.tune.epochs=3",
+        "stages.tune.step_every_epochs=1", "stages.tune.step_gamma=0.5",
+    )  # fmt: skip
+    init_local_process_group(0, 1, free_loopback_port(), use_gpu=False)
+    try:
+        context = LocalWorkerContext(0, 1, torch.device("cpu"), str(tmp_path / "run"), None, keep=1, progress="none")
+        source = SyntheticBatchSource(num_samples=16, global_batch_size=8)
+        summary = train_worker(cfg, build_tiny_task, source, context, TrackingSpec())
+    finally:
+        destroy_local_process_group()
+    lrs = [record["lr/head"] for record in summary["history"]]
+    assert lrs == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4])  # two steps per epoch
