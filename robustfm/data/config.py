@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from robustfm.config.core import check
 from robustfm.config.schema import RayConfig
@@ -30,7 +31,12 @@ class SourceConfig:
     folder (``<masks>/<class>/<name>.png`` for ``<root>/train/<class>/<name>.jpg``). Masks are stored in a ``mask``
     column (8-bit PNG, values kept exactly). An image whose mask is missing, unreadable or of another size is
     skipped and listed in the manifest (reasons ``mask_missing``, ``mask_invalid``, ``mask_size_mismatch``),
-    never given an empty mask. None: no masks."""
+    never given an empty mask. Per-concept files ``<name>__<concept>.png`` beside (or instead of) ``<name>.png``
+    are merged by maximum: CFT's S(I) = max_k M_k(I) (:mod:`robustfm.data.concept_masks`). None: no masks."""
+    mask_format: Literal["binary", "imagenet_s"] = "binary"
+    """How mask files encode their values. ``binary``: single-channel 8-bit files, values kept exactly.
+    ``imagenet_s``: RGB PNGs with label = R + 256*G (ImageNet-S, the CFT authors' files), stored as 0/255 with
+    labels 0 and 1000 as background (labels up to 999 do not fit 8 bits; the row's class is in ``label``)."""
     mask_meaning: str = "foreground mask: 0 background, >0 foreground"
     """What the mask values mean, recorded in the manifest's ``columns`` section."""
 
@@ -44,6 +50,18 @@ class SourceConfig:
             "masks",
             self.masks,
             "must be another tree than root (the image lister would take the masks for images)",
+        )
+        check(
+            self.mask_format in ("binary", "imagenet_s"),
+            "mask_format",
+            self.mask_format,
+            "must be binary or imagenet_s",
+        )
+        check(
+            self.masks is not None or self.mask_format == "binary",
+            "mask_format",
+            self.mask_format,
+            "needs source.masks (the tree of mask files it describes)",
         )
         try:
             SOURCES.check(self.kind)

@@ -11,8 +11,9 @@ A rerun skips every shard whose done record matches the plan (same item ids, sam
 with the recorded checksum, converts the rest, and rewrites the manifest.
 
 Masks (``source.masks``) come from a tree mirroring the images (see :class:`~robustfm.data.config.SourceConfig`) and
-go into a ``mask`` column; an image without a usable mask is skipped with a ``mask_*`` reason, never given an empty
-mask. A source may also list extra columns of its own (``SourceListing.columns``: further images, group keys,
+go into a ``mask`` column (per-concept files merged, ``source.mask_format`` decoded by
+:mod:`robustfm.data.concept_masks`); an image without a usable mask is skipped with a ``mask_*`` reason, never given
+an empty mask. A source may also list extra columns of its own (``SourceListing.columns``: further images, group keys,
 numbers), which the converter reads and checks the same way.
 """
 
@@ -29,9 +30,10 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
+from robustfm.data.concept_masks import MaskTreeReader
 from robustfm.data.config import PrepareConfig
 from robustfm.data.images import ImageDecodeError, inspect_image
-from robustfm.data.row_columns import MaskTree, RowSkipped, listed_values, mirrored_mask, read_source
+from robustfm.data.row_columns import MaskTree, RowSkipped, listed_values, read_source
 from robustfm.data.shards import (
     BASE_SPECS,
     MANIFEST_NAME,
@@ -128,6 +130,7 @@ def convert_shard(
     plan: ShardPlan,
     columns: dict[str, ColumnSpec] | None = None,
     masks: MaskTree | None = None,
+    mask_format: str = "binary",
 ) -> tuple[bytes | None, dict[str, Any]]:
     """Read, check and encode the images (and masks, and extra columns) of one shard.
 
@@ -135,12 +138,14 @@ def convert_shard(
         columns: the shards' extra columns: the listing's (values from ``SourceItem.extra``) and, with ``masks``,
             :data:`MASK_COLUMN`.
         masks: the mask tree, when masks are attached.
+        mask_format: how its files encode masks (``source.mask_format``; :mod:`robustfm.data.concept_masks`).
 
     Returns:
         The Parquet bytes (None when every file was skipped) and the shard's done record (without checksum).
     """
     columns = dict(columns or {})
     listed = {name: spec for name, spec in columns.items() if masks is None or name != MASK_COLUMN}
+    mask_reader = MaskTreeReader(masks, mask_format) if masks is not None else None
     rows, skipped = [], []
     counts: Counter[str] = Counter()
     for item in plan.items:
@@ -150,8 +155,8 @@ def convert_shard(
             except ImageDecodeError as err:
                 raise RowSkipped(err.reason, err.detail) from None
             values = listed_values(source_fs, source_base, item, listed, image.width, image.height)
-            if masks is not None:
-                values[MASK_COLUMN] = mirrored_mask(masks, item, plan.split, image.width, image.height)
+            if mask_reader is not None:
+                values[MASK_COLUMN] = mask_reader.mask(item, plan.split, image.width, image.height)
         except RowSkipped as skip:
             skipped.append({"split": plan.split, "path": item.path, "reason": skip.reason, "detail": skip.detail})
             continue
@@ -225,6 +230,8 @@ def run(config: PrepareConfig, on_shard_done: Callable[[dict[str, Any]], None] |
     masks, columns = _columns(config, listing)
     # Other columns make other shards: a done record written without them must not be reused.
     described = {"columns": {n: c.to_json() for n, c in columns.items()}, "masks": config.source.masks}
+    if config.source.mask_format != "binary":  # only then: shards prepared before the option existed stay reusable
+        described["mask_format"] = config.source.mask_format
     plans = plan_shards(listing, config.shard_size, config.mix_seed, json.dumps(described) if columns else "")
     out_fs = out.filesystem()
 
@@ -252,7 +259,8 @@ def run(config: PrepareConfig, on_shard_done: Callable[[dict[str, Any]], None] |
             while queue or in_flight:
                 while queue and len(in_flight) < max_in_flight:
                     plan = queue.pop(0)
-                    in_flight[convert.remote(source_fs, source.base, plan, columns, masks)] = plan
+                    ref = convert.remote(source_fs, source.base, plan, columns, masks, config.source.mask_format)
+                    in_flight[ref] = plan
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
                 plan = in_flight.pop(ready[0])
                 data, record = ray.get(ready[0])
@@ -336,6 +344,7 @@ def build_manifest(
     source: dict[str, Any] = {"kind": listing.kind, "root": listing.root, "splits": list(listing.splits)}
     if config.source.masks is not None:
         source["masks"] = Location(config.source.masks, config.s3_endpoint_url).canonical
+        source["mask_format"] = config.source.mask_format
     return {
         "format": "robustfm-shards",
         "schema_version": SCHEMA_VERSION,

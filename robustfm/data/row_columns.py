@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 from robustfm.data.columns import ColumnKind, ColumnSpec
 from robustfm.data.images import ImageDecodeError, SkipReason, inspect_image
 from robustfm.data.masks import inspect_mask
-from robustfm.data.shards import exists, read_bytes
+from robustfm.data.shards import read_bytes
 from robustfm.data.sources import SourceItem
 
 
@@ -50,28 +50,6 @@ def read_source(fs: pafs.FileSystem, base: str, path: str) -> bytes:
         return read_bytes(fs, f"{base.rstrip('/')}/{path}")
     except OSError as err:
         raise RowSkipped(SkipReason.UNREADABLE, str(err)) from None
-
-
-def mirrored_mask(masks: MaskTree, item: SourceItem, split: str, width: int, height: int) -> bytes:
-    """The stored (8-bit PNG) mask of ``item`` from the mask tree, checked to be ``width`` x ``height``.
-
-    Raises:
-        RowSkipped: ``mask_missing`` (naming the paths tried), ``mask_invalid`` or ``mask_size_mismatch``.
-    """
-    tried = mask_candidates(item.path, split)
-    found = next((p for p in tried if exists(masks.filesystem, f"{masks.base.rstrip('/')}/{p}")), None)
-    if found is None:
-        raise RowSkipped(SkipReason.MASK_MISSING, f"no mask in the mask tree at {' or '.join(tried)}")
-    data = read_source(masks.filesystem, masks.base, found)
-    try:
-        mask = inspect_mask(data, found)
-    except ImageDecodeError as err:
-        raise RowSkipped(SkipReason.MASK_INVALID, err.detail) from None
-    if (mask.width, mask.height) != (width, height):
-        raise RowSkipped(
-            SkipReason.MASK_SIZE_MISMATCH, f"mask {found} is {mask.width}x{mask.height}, the image {width}x{height}"
-        )
-    return mask.data
 
 
 def listed_values(
