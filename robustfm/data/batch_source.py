@@ -103,6 +103,9 @@ class ShardBatchSource:
             by global index (manifest order), so the held-out set does not depend on seed or epoch. 0: none.
         holdout_role: ``"exclude"`` iterates the split without the held-out rows (training), ``"only"`` iterates
             just the held-out rows (validation).
+        rows: iterate only these rows of the split, by global index in manifest order (a subset chosen on the
+            driver, e.g. CFT's few images of a few classes; see :meth:`SplitListing.read_rows`). None: every row.
+            The held-out rule applies on top, by the same global index.
         endpoint_url: S3-compatible endpoint URL, when not AWS.
     """
 
@@ -123,6 +126,7 @@ class ShardBatchSource:
         holdout_fraction: float = 0.0,
         holdout_role: Literal["exclude", "only"] = "exclude",
         columns: Sequence[str] | None = None,
+        rows: Sequence[int] | None = None,
     ) -> None:
         if batch_size <= 0 or image_size <= 0 or shuffle_window <= 0:
             raise ValueError(
@@ -148,6 +152,7 @@ class ShardBatchSource:
         self.holdout_period = round(1 / holdout_fraction) if holdout_fraction > 0 else 0
         self.holdout_role = holdout_role
         self.columns = None if columns is None else tuple(dict.fromkeys(["id", "image", *columns]))
+        self.rows = None if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
         self._listing: SplitListing | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -172,17 +177,23 @@ class ShardBatchSource:
 
     @property
     def num_rows(self) -> int:
-        """Images this source iterates: the split, minus (or only) its held-out rows."""
+        """Images this source iterates: the split (or its ``rows``), minus (or only) its held-out rows."""
         total = sum(int(shard["rows"]) for shard in self._shard_list())
-        if not self.holdout_period:
+        if self.rows is None and not self.holdout_period:
             return total
-        held_out = -(-total // self.holdout_period)  # global indices 0, p, 2p, ... below total
-        return held_out if self.holdout_role == "only" else total - held_out
+        return int(self._keep(np.arange(total, dtype=np.int64), total).sum())
 
-    def _keep(self, shard_ids: np.ndarray, rows: np.ndarray, shard_rows: Sequence[int]) -> np.ndarray:
-        offsets = np.concatenate([[0], np.cumsum(shard_rows)[:-1]]).astype(np.int64)
-        held_out = (offsets[shard_ids] + rows) % self.holdout_period == 0
-        return held_out if self.holdout_role == "only" else ~held_out
+    def _keep(self, global_index: np.ndarray, total: int) -> np.ndarray:
+        """Which rows (by global index) this source iterates: within ``rows``, then the held-out rule."""
+        keep = np.ones(len(global_index), dtype=bool)
+        if self.rows is not None:
+            if len(self.rows) and (self.rows[0] < 0 or self.rows[-1] >= total):
+                raise ValueError(f"rows must index the {total} rows of split {self.split!r} of {self.path}")
+            keep &= np.isin(global_index, self.rows)
+        if self.holdout_period:
+            held_out = global_index % self.holdout_period == 0
+            keep &= held_out if self.holdout_role == "only" else ~held_out
+        return keep
 
     def num_batches(self, epoch: int, rank: int, world_size: int) -> int:
         """Full batches every rank gets in ``epoch`` (the same on every rank; the tail of the epoch is dropped)."""
@@ -204,8 +215,9 @@ class ShardBatchSource:
         window_size = self.shuffle_window if self.shuffle else 1
         shard_rows = [int(s["rows"]) for s in shards]
         windows, shard_ids, rows = epoch_sequence(shard_rows, self.seed, epoch, self.shuffle, window_size)
-        if self.holdout_period:
-            keep = self._keep(shard_ids, rows, shard_rows)
+        if self.rows is not None or self.holdout_period:
+            offsets = np.concatenate([[0], np.cumsum(shard_rows)[:-1]]).astype(np.int64)
+            keep = self._keep(offsets[shard_ids] + rows, sum(shard_rows))
             windows, shard_ids, rows = windows[keep], shard_ids[keep], rows[keep]
         start = rank * per_rank + min(skip_batches * self.batch_size, per_rank)
         end = (rank + 1) * per_rank

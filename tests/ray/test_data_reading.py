@@ -124,6 +124,21 @@ def test_holdout_rows_are_excluded_from_training_and_iterated_alone(demo_shards)
 
 
 @pytest.mark.timeout(300)
+def test_a_row_subset_is_all_that_is_read_and_the_holdout_rule_applies_on_top(demo_shards):
+    ids_in_order = _all_ids(demo_shards)
+    chosen = [1, 2, 4, 5, 7, 8, 9, 12, 13, 20]
+    common = dict(image_size=32, batch_size=2, train=True, seed=0, rows=chosen)
+    subset = ShardBatchSource(demo_shards, "train", **common)
+    assert subset.num_rows == 10
+    ids, _, _ = _epoch(subset, 0)
+    assert sorted(ids) == sorted(ids_in_order[k] for k in chosen)
+    held = ShardBatchSource(demo_shards, "train", holdout_fraction=0.25, holdout_role="only", **common)
+    assert held.num_rows == 4  # 4, 8, 12, 20 of the chosen rows are held out (every 4th global index)
+    with pytest.raises(ValueError, match="rows must index the 24 rows"):
+        _ = ShardBatchSource(demo_shards, "train", 32, 2, train=True, rows=[3, 24]).num_rows
+
+
+@pytest.mark.timeout(300)
 def test_batches_inside_a_ray_worker_match_the_driver(ray_session, demo_shards):
     """The engine iterates inside Ray Train workers (actors holding a fraction of a CPU): same rows, same pixels."""
     import pickle
