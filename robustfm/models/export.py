@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from robustfm.models.clip import ClipModel, open_clip_state_dict
+from robustfm.models.timm_classifier import TimmClassifier
 
 IMAGE_TOWER_PREFIX = "visual."
 """open_clip's CLIP keeps its image tower in the ``visual`` submodule; its state-dict keys start with this."""
@@ -140,41 +141,69 @@ def export_image_tower(
     return _write(state, Path(path), header)
 
 
+def timm_state_dict(model: TimmClassifier) -> dict[str, torch.Tensor]:
+    """Detached CPU copy of the timm model's own state dict (timm's layout: ``timm.create_model(arch)`` loads it
+    strictly, and so does ``robustfm.models.create_model("timm/<arch>", pretrained=path)``)."""
+    return {key: value.detach().cpu().clone() for key, value in model.model.state_dict().items()}
+
+
+def mixable_state(model: ClipModel | TimmClassifier) -> dict[str, torch.Tensor]:
+    """The weights WiSE-FT mixes: a CLIP's image tower (its text tower stays as fine-tuned), a timm classifier's
+    whole network."""
+    if isinstance(model, TimmClassifier):
+        return timm_state_dict(model)
+    return image_tower_state(clip_state_dict(model))
+
+
+def export_model(
+    model: ClipModel | TimmClassifier,
+    path: str | Path,
+    *,
+    state: Mapping[str, torch.Tensor] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``model`` in its library's own layout (open_clip: :func:`export_image_tower` with the text tower;
+    timm: the timm state dict), with ``state`` (the :func:`mixable_state` keys, e.g. a WiSE-FT mix) in place of the
+    model's own weights."""
+    if not isinstance(model, TimmClassifier):
+        return export_image_tower(model, path, image_state=state, metadata=metadata)
+    own = timm_state_dict(model)
+    if state is not None and set(state) != set(own):
+        differing = sorted(set(state) ^ set(own))[:5]
+        raise ValueError(f"state must hold exactly the timm model's keys; differs in {differing}")
+    header = {"format": "timm", "arch": str(model.arch), **{str(k): str(v) for k, v in (metadata or {}).items()}}
+    return _write(own if state is None else state, Path(path), header)
+
+
 def export_wise_ft(
-    model: ClipModel,
+    model: ClipModel | TimmClassifier,
     pretrained_state: Mapping[str, torch.Tensor],
     out_dir: str | Path,
     alphas: Sequence[float],
-    *,
-    include_text_tower: bool = True,
 ) -> dict[float, Path]:
-    """Export one file per WiSE-FT coefficient, mixing the image tower between pretrained and fine-tuned.
+    """Export one file per WiSE-FT coefficient, mixing the :func:`mixable_state` between pretrained and fine-tuned.
 
     Args:
-        model: the fine-tuned ClipModel.
-        pretrained_state: the open_clip state dict before fine-tuning (:func:`clip_state_dict` of the model taken
-            before stage 1); only its ``visual.*`` entries are used.
-        out_dir: folder for ``clip_wiseft_alpha{alpha:.2f}.safetensors``.
-        alphas: mixing coefficients (0 = pretrained image tower, 1 = fine-tuned).
+        model: the fine-tuned ClipModel (its image tower is mixed) or TimmClassifier (all of it).
+        pretrained_state: the weights before fine-tuning: :func:`clip_state_dict` (only ``visual.*`` is used) or
+            :func:`timm_state_dict` of the model taken before stage 1.
+        out_dir: folder for ``<clip|timm>_wiseft_alpha{alpha:.2f}.safetensors``.
+        alphas: mixing coefficients (0 = pretrained, 1 = fine-tuned).
 
     Returns:
         ``{alpha: path}`` in the order given.
     """
     if not alphas:
         raise ValueError("export_wise_ft needs at least one mixing coefficient")
-    names = [f"clip_wiseft_alpha{float(a):.2f}.safetensors" for a in alphas]
+    family = "timm" if isinstance(model, TimmClassifier) else "clip"
+    names = [f"{family}_wiseft_alpha{float(a):.2f}.safetensors" for a in alphas]
     if len(set(names)) != len(names):
         raise ValueError(f"WiSE-FT coefficients must differ at two decimals, got {list(alphas)}")
-    finetuned_tower = image_tower_state(clip_state_dict(model))
-    pretrained_tower = image_tower_state(pretrained_state)
+    finetuned = mixable_state(model)
+    pretrained = dict(pretrained_state) if family == "timm" else image_tower_state(pretrained_state)
     written: dict[float, Path] = {}
     for alpha, name in zip(alphas, names, strict=True):
-        mixed = interpolate_weights(pretrained_tower, finetuned_tower, float(alpha))
-        written[float(alpha)] = export_image_tower(
-            model,
-            Path(out_dir) / name,
-            image_state=mixed,
-            include_text_tower=include_text_tower,
-            metadata={"wiseft_alpha": f"{float(alpha):g}"},
-        )
+        mixed = interpolate_weights(pretrained, finetuned, float(alpha))
+        metadata = {"wiseft_alpha": f"{float(alpha):g}"}
+        written[float(alpha)] = export_model(model, Path(out_dir) / name, state=mixed, metadata=metadata)
     return written

@@ -299,16 +299,18 @@ def export_with_wise_ft(
     suites: Sequence[str],
     eval_settings: Any,
     headline: str,
+    retention: str = ZERO_SHOT_TOP1,
 ) -> ExportResult:
-    """Export ``model`` (a ClipModel) and, for each ``export.wise_ft_alphas``, a mix of its image tower with the
-    pretrained one; each mix is evaluated with ``suites`` and ``headline`` is plotted against zero-shot retention
-    (fine-tuning can erase what CLIP knew; WiSE-FT trades it back)."""
-    from robustfm.models.export import export_image_tower, export_wise_ft
+    """Export ``model`` (a ClipModel, or a timm classifier) and, for each ``export.wise_ft_alphas``, a mix of its
+    weights with the pretrained ones (a CLIP's image tower; a classifier's whole network); each mix is evaluated with
+    ``suites`` and ``headline`` is plotted against the retention of ``retention`` (zero-shot accuracy for CLIP):
+    fine-tuning can erase what the model knew, WiSE-FT trades it back."""
+    from robustfm.models.export import export_model, export_wise_ft
 
     cfg = run.cfg
     export_dir = run.out / "export" / "-".join(cfg.curriculum)
     metadata = {"model_name": cfg.model.name, "recipe": run.recipe, "curriculum": ",".join(cfg.curriculum)}
-    path = export_image_tower(model, export_dir / "model.safetensors", metadata=metadata)
+    path = export_model(model, export_dir / "model.safetensors", metadata=metadata)
     run.parent.log_artifact(path, "export")
     if not cfg.export.wise_ft_alphas:
         return ExportResult(path, {})
@@ -318,24 +320,26 @@ def export_with_wise_ft(
     from robustfm.evals import evaluate_model
     from robustfm.recipes.milestones import markdown_table, tradeoff_plot
 
-    base_top1 = run.milestones.get("pretrained", {}).get(ZERO_SHOT_TOP1)
+    base_top1 = run.milestones.get("pretrained", {}).get(retention)
+    kept = "zero_shot_top1" if retention == ZERO_SHOT_TOP1 else retention.replace("/", "_")
+    kept_share = "zero_shot_retention" if retention == ZERO_SHOT_TOP1 else f"{kept}_retention"
     rows = []
     for alpha, mix in mixes.items():
         tracked = run.tracker.start_run(f"wise-ft-{alpha:g}", parent_run_id=run.parent.run_id, tags={"alpha": alpha})
         metrics = evaluate_model(f"{cfg.model.name}@{mix}", list(suites), eval_settings, run.tracker, tracked.run_id)
         tracked.log_metrics(metrics)
         tracked.end()
-        top1 = metrics.get(ZERO_SHOT_TOP1, float("nan"))
+        top1 = metrics.get(retention, float("nan"))
         rows.append(
             {
                 "alpha": alpha,
                 headline: metrics.get(headline, float("nan")),
-                "zero_shot_top1": top1,
-                "zero_shot_retention": top1 / base_top1 if base_top1 else float("nan"),
+                kept: top1,
+                kept_share: top1 / base_top1 if base_top1 else float("nan"),
             }
         )
-    title = f"WiSE-FT: {headline} vs zero-shot retention"
-    png = tradeoff_plot(rows, "zero_shot_retention", headline, run.out / "wise_ft_tradeoff.png", title)
+    title = f"WiSE-FT: {headline} vs retention of {retention}"
+    png = tradeoff_plot(rows, kept_share, headline, run.out / "wise_ft_tradeoff.png", title)
     run.parent.log_artifact(png, "wise_ft")
     run.log_table(markdown_table(rows), "wise_ft_tradeoff.md")
     return ExportResult(path, mixes, png)

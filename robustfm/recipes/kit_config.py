@@ -6,6 +6,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from robustfm.config import ModelConfig, RayConfig, TrackingConfig, check
 from robustfm.evals.config import EvalConfig
@@ -104,6 +105,12 @@ class RecipeConfig:
     eval: MilestoneEvalConfig = field(default_factory=MilestoneEvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
+    model_family: ClassVar[tuple[str, str]] = (
+        "open_clip/",
+        "must be an open_clip model (recipes fine-tune CLIP and measure zero-shot accuracy with its text tower)",
+    )
+    """The ``model.name`` prefix this recipe's method needs, and the message when another is given."""
+
     def __post_init__(self) -> None:
         check(bool(self.name) and "/" not in self.name, "name", self.name, "must be a non-empty name without '/'")
         check(len(self.curriculum) > 0, "curriculum", self.curriculum, "must name at least one stage")
@@ -117,12 +124,8 @@ class RecipeConfig:
         check(
             len(set(self.curriculum)) == len(self.curriculum), "curriculum", self.curriculum, "must not repeat a stage"
         )
-        check(
-            self.model.name.startswith("open_clip/"),
-            "model.name",
-            self.model.name,
-            "must be an open_clip model (recipes fine-tune CLIP and measure zero-shot accuracy with its text tower)",
-        )
+        family, requirement = self.model_family
+        check(self.model.name.startswith(family), "model.name", self.model.name, requirement)
 
 
 def per_worker_batch(global_batch: int, train: TrainConfig, field_name: str, images_per_sample: int = 1) -> int:
