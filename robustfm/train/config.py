@@ -212,6 +212,12 @@ class TrainConfig:
         check(self.num_workers >= 1, "num_workers", self.num_workers, "must be >= 1")
         for key, value in self.resources_per_worker.items():
             check(value > 0, f"resources_per_worker.{key}", value, "must be positive")
+        check(
+            self.use_gpu or "GPU" not in self.resources_per_worker,
+            "resources_per_worker.GPU",
+            self.resources_per_worker.get("GPU"),
+            "asks for GPUs while use_gpu is false (Ray Train would refuse it after Ray started)",
+        )
         check(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "must be >= 1")
         check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
         check(bool(self.storage_path), "storage_path", self.storage_path, "must not be empty")

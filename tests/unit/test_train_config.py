@@ -127,3 +127,8 @@ def test_the_training_loop_gives_the_step_schedule_its_epoch(tmp_path):
         destroy_local_process_group()
     lrs = [record["lr/head"] for record in summary["history"]]
     assert lrs == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4])  # two steps per epoch
+
+
+def test_gpus_per_worker_without_use_gpu_fail_before_ray():
+    with pytest.raises(ConfigError, match="resources_per_worker.GPU.*use_gpu is false"):
+        _load("resources_per_worker.GPU=1")
