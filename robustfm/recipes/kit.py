@@ -128,11 +128,19 @@ def with_demo_data(cfg: Any) -> Any:
 
 
 def training_source(
-    data: Any, seed: int, stages: Sequence[Any], *, batch_size: int | None = None, augment: bool = True
+    data: Any,
+    seed: int,
+    stages: Sequence[Any],
+    *,
+    batch_size: int | None = None,
+    augment: bool = True,
+    rows: Sequence[int] | None = None,
+    columns: Sequence[str] | None = None,
 ) -> Any:
     """The training split of ``data`` (an :class:`~robustfm.recipes.kit_config.ImageShardsConfig`) minus the part
     :func:`heldout_source` reads, shuffled every epoch, with ``stages`` applied. ``augment``: seeded random-resized
-    crop (``data.crop_scale``) + flip, else the eval transform. ``batch_size`` overrides ``data.batch_size``."""
+    crop (``data.crop_scale``) + flip, else the eval transform. ``batch_size`` overrides ``data.batch_size``;
+    ``rows`` keeps only those rows of the split, ``columns`` reads only those (see ``ShardBatchSource``)."""
     from robustfm.data import ShardBatchSource
 
     return ShardBatchSource(
@@ -148,13 +156,24 @@ def training_source(
         endpoint_url=data.s3_endpoint_url,
         holdout_fraction=data.holdout_fraction,
         holdout_role="exclude",
+        rows=rows,
+        columns=columns,
     )
 
 
-def heldout_source(data: Any, seed: int, stages: Sequence[Any], max_batch: int = 64) -> Any:
+def heldout_source(
+    data: Any,
+    seed: int,
+    stages: Sequence[Any],
+    max_batch: int = 64,
+    *,
+    rows: Sequence[int] | None = None,
+    columns: Sequence[str] | None = None,
+) -> Any:
     """The held-out part of ``data.train_split`` (every ``round(1 / data.holdout_fraction)``-th image, which training
     excludes), eval transform, fixed order, ``stages`` applied: the validation set of a sweep. Batches of at most
-    ``max_batch`` images; a smaller split is one batch, so no held-out image is dropped."""
+    ``max_batch`` images; a smaller split is one batch, so no held-out image is dropped. ``rows`` and ``columns`` as
+    in :func:`training_source`."""
     from robustfm.data import ShardBatchSource
 
     def source(batch_size: int) -> Any:
@@ -169,6 +188,8 @@ def heldout_source(data: Any, seed: int, stages: Sequence[Any], max_batch: int =
             endpoint_url=data.s3_endpoint_url,
             holdout_fraction=data.holdout_fraction,
             holdout_role="only",
+            rows=rows,
+            columns=columns,
         )
 
     return source(max(1, min(max_batch, source(1).num_rows)))
