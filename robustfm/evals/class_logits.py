@@ -18,14 +18,20 @@ import torch
 import torch.nn.functional as F
 
 
-def class_text_embeddings(model: Any, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-    """``(C, E)`` unit text embeddings, one per class: the renormalized mean of its templates' embeddings."""
+def class_text_embeddings(
+    model: Any, class_names: Sequence[str], templates: Sequence[str], batch_size: int = 1024
+) -> torch.Tensor:
+    """``(C, E)`` unit text embeddings, one per class: the renormalized mean of its templates' embeddings. Prompts are
+    encoded in batches of about ``batch_size`` across classes (one class at a time made 1,000 classes 5x slower)."""
+    per_batch = max(1, batch_size // max(1, len(templates)))
     embeddings = []
-    for class_name in class_names:
-        texts = [template.format(class_name) for template in templates]
-        mean = model.encode_text(texts, normalize=True).float().mean(0)
-        embeddings.append(mean / mean.norm())
-    return torch.stack(embeddings)
+    for start in range(0, len(class_names), per_batch):
+        chunk = class_names[start : start + per_batch]
+        texts = [template.format(name) for name in chunk for template in templates]
+        encoded = model.encode_text(texts, normalize=True).float().view(len(chunk), len(templates), -1)
+        mean = encoded.mean(1)
+        embeddings.append(mean / mean.norm(dim=-1, keepdim=True))
+    return torch.cat(embeddings)
 
 
 def is_clip(model: Any) -> bool:

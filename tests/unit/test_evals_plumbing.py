@@ -29,9 +29,9 @@ def test_import_is_light():
 
 
 def test_registry_lists_the_shipped_suites_and_each_declares_directions():
-    shipped = ["corruption_detection", "covar", "embedding_robustness", "faithfulness", "feature_inversion"]
-    shipped += ["knn_detection"]
-    shipped += ["landmark_retrieval", "retrieval"]
+    shipped = ["classification", "corruption_detection", "covar", "embedding_robustness", "faithfulness"]
+    shipped += ["feature_inversion", "knn_detection"]
+    shipped += ["landmark_retrieval", "relevance_alignment", "retrieval"]
     shipped += ["two_afc", "zero_shot"]
     assert SUITES.names() == shipped
     for name in SUITES.names():
