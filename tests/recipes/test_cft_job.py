@@ -36,7 +36,7 @@ def cft_overrides(out: Path, shards: str, **extra: str) -> list[str]:
         "train.stages.finetune.max_batches_per_epoch": "2",
         "eval.settings.suites.classification.data.max_samples": "8",
         "eval.settings.suites.relevance_alignment.data.max_samples": "8",
-        "export.wise_ft_alphas": "[0.5]",
+        "export.wise_ft_alphas": "[]",  # timm WiSE-FT: tests/unit/test_models_export_timm.py
     }
     overrides.update(extra)
     return [f"{key}={value}" for key, value in overrides.items()]
@@ -50,11 +50,11 @@ def masked_shards(tmp_path_factory, ray_session) -> str:
     return str(write_demo_shards(out, image_size=64, n_images=24, n_val=8, seed=5, with_masks=True))
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)  # ~3 min on two idle cores; CI's are shared with the other pytest worker
 def test_cft_runs_end_to_end_on_deepspeed_zero2(masked_shards, tmp_path):
     zero2 = {"train.strategy.name": "deepspeed", "train.strategy.zero_stage": "2"}
     command = ["jobs/cft.py", "--config", "configs/cft/demo.yaml", *cft_overrides(tmp_path, masked_shards, **zero2)]
-    done = run_job(command, timeout=850)
+    done = run_job(command, timeout=1400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "cft"
     assert "CFT (paper 001) finished." in done.stdout and str(out / "cft_table.md") in done.stdout
@@ -69,8 +69,7 @@ def test_cft_runs_end_to_end_on_deepspeed_zero2(masked_shards, tmp_path):
         assert 0 <= milestones[name]["relevance_alignment/gae/miou"] <= 1
     table = (out / "cft_table.md").read_text()
     assert "gae mIoU" in table and "| finetune |" in table
-    mix = out / "export" / "finetune" / "wise_ft" / "timm_wiseft_alpha0.50.safetensors"
-    assert mix.is_file() and (out / "wise_ft_tradeoff.md").is_file()
+    assert (out / "export" / "finetune" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize(
