@@ -98,7 +98,7 @@ def test_one_step_of_every_run_changes_the_weights(data, name):
         method, settings = bench.RUNS[name]
         torch.manual_seed(0)
         base = bench.create_model("timm/tiny-vit")
-        task = bench.build_task(method, settings, base)
+        task = bench.build_task(method, settings, base.state_dict())
         if name == "control":
             assert task.active_losses == frozenset({"cls"})  # lambda_align = 0: no map is computed
         step = bench.make_step(task, settings.loss_weights(), steps=2)
@@ -129,3 +129,8 @@ def test_the_report_gates_on_the_cue_flipped_gain_over_the_control(capsys):
     assert "PASS  CFT (gae) cue-flipped top-1 minus the control's: +0.410" in printed
     assert not bench.report([_seed(s, 0.05 + s / 100) for s in range(3)], budget, times)
     assert "FAIL  CFT (gae) cue-flipped top-1 minus the control's" in capsys.readouterr().out
+
+
+def test_the_precondition_is_half_the_cue_consistent_top1():
+    assert bench.reads_cue({"cue-consistent": 1.0, "cue-flipped": 0.5})
+    assert not bench.reads_cue({"cue-consistent": 1.0, "cue-flipped": 0.51})
