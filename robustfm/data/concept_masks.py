@@ -29,10 +29,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow.fs as pafs
-from PIL import Image, ImageOps
+from PIL import Image
 
-from robustfm.data.images import ImageDecodeError, SkipReason, _open
-from robustfm.data.masks import mask_values
+from robustfm.data.images import ImageDecodeError, SkipReason
+from robustfm.data.masks import mask_values, open_upright_mask
 from robustfm.data.row_columns import MaskTree, RowSkipped, mask_candidates, read_source
 from robustfm.data.sources import SourceItem
 
@@ -52,14 +52,7 @@ def imagenet_s_labels(data: bytes, name: str = "<mask>") -> np.ndarray:
         ImageDecodeError: :data:`SkipReason.MASK_INVALID` for undecodable files, other modes than RGB, a non-zero
             blue channel, or labels above 1000.
     """
-    try:
-        image = _open(data, name)
-    except ImageDecodeError as err:
-        raise ImageDecodeError(SkipReason.MASK_INVALID, f"{err.reason}: {err.detail}") from None
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception:  # noqa: BLE001  (a corrupt EXIF block: keep the stored orientation)
-        pass
+    image = open_upright_mask(data, name)
     if image.mode != "RGB":
         raise ImageDecodeError(
             SkipReason.MASK_INVALID,

@@ -30,20 +30,29 @@ class InspectedMask:
     height: int
 
 
-def mask_values(data: bytes, name: str = "<mask>") -> np.ndarray:
-    """Decode mask bytes into uint8 (H, W) values (EXIF orientation applied, as for images).
+def open_upright_mask(data: bytes, name: str = "<mask>") -> Image.Image:
+    """The mask file as a PIL image with its EXIF orientation applied (as for images), in whatever mode it is stored.
 
     Raises:
-        ImageDecodeError: :data:`SkipReason.MASK_INVALID` for undecodable files, colour images and values above 255.
+        ImageDecodeError: :data:`SkipReason.MASK_INVALID` for undecodable files.
     """
     try:
         image = _open(data, name)
     except ImageDecodeError as err:
         raise ImageDecodeError(SkipReason.MASK_INVALID, f"{err.reason}: {err.detail}") from None
     try:
-        image = ImageOps.exif_transpose(image)
+        return ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001  (a corrupt EXIF block: keep the stored orientation)
-        pass
+        return image
+
+
+def mask_values(data: bytes, name: str = "<mask>") -> np.ndarray:
+    """Decode mask bytes into uint8 (H, W) values (EXIF orientation applied, as for images).
+
+    Raises:
+        ImageDecodeError: :data:`SkipReason.MASK_INVALID` for undecodable files, colour images and values above 255.
+    """
+    image = open_upright_mask(data, name)
     if image.mode == "1":
         return np.asarray(image.convert("L"))
     if image.mode in ("L", "P"):
