@@ -30,6 +30,8 @@ from robustfm.train.local_launcher import (
     init_local_process_group,
     latest_checkpoint,
     list_checkpoints,
+    mark_part_written,
+    newest_marked_checkpoint,
     run_local,
 )
 
@@ -64,9 +66,32 @@ class RayWorkerContext:
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
-        self._checkpoint = ray.train.get_checkpoint()
+        storage = context.get_storage()
+        self._filesystem, self._run_path = storage.storage_filesystem, storage.experiment_fs_path
+        self._checkpoint = self._resume_point(ray.train.get_checkpoint())
         self.first_attempt = self._checkpoint is None
         self._stack = contextlib.ExitStack()
+
+    def _resume_point(self, registered: Any) -> Any:
+        """Ray Train's latest registered checkpoint, or a newer complete one found in the run storage.
+
+        The controller registers a reported checkpoint only when it next polls the workers (every 2 s): a worker
+        that dies sooner leaves a checkpoint that is whole in storage but unknown to Ray, and the restart would
+        begin the run again. Every rank marks its part written (after its upload), so a checkpoint with all marks
+        is complete.
+        """
+        import ray.train
+
+        found = newest_marked_checkpoint(self._filesystem, self._run_path)
+        if found is None or (registered is not None and Path(registered.path).name >= Path(found).name):
+            return registered
+        if self.rank == 0:
+            logger.warning(
+                "resuming from %s: complete in storage but not registered by Ray Train (the run died before its "
+                "controller polled)",
+                Path(found).name,
+            )
+        return ray.train.Checkpoint(found, filesystem=self._filesystem)
 
     def restored_checkpoint_dir(self) -> Path | None:
         if self._checkpoint is None:
@@ -83,6 +108,7 @@ class RayWorkerContext:
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)), checkpoint_dir_name=name
         )
+        mark_part_written(self._filesystem, f"{self._run_path}/{name}", self.rank)
 
     def report_metrics(self, metrics: dict[str, Any]) -> None:
         import ray.train

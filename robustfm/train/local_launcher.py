@@ -118,6 +118,32 @@ def list_checkpoints(filesystem: Any, run_path: str) -> list[str]:
     return sorted(complete)
 
 
+PARTS_DIR = "parts_written"
+"""Inside a checkpoint written through Ray Train: an empty file per rank, written once that rank's upload returned."""
+
+
+def mark_part_written(filesystem: Any, checkpoint_path: str, rank: int) -> None:
+    """Record in storage that ``rank`` has uploaded its part of the checkpoint at ``checkpoint_path``."""
+    pfs = _filesystem(filesystem)
+    pfs.create_dir(f"{checkpoint_path}/{PARTS_DIR}", recursive=True)
+    with pfs.open_output_stream(f"{checkpoint_path}/{PARTS_DIR}/rank_{rank:05d}"):
+        pass
+
+
+def newest_marked_checkpoint(filesystem: Any, run_path: str) -> str | None:
+    """The newest checkpoint under ``run_path`` whose every rank marked its part written (None: none is)."""
+    from pyarrow import fs
+
+    pfs = _filesystem(filesystem)
+    for path in reversed(list_checkpoints(filesystem, run_path)):
+        with pfs.open_input_stream(f"{path}/{STATE_FILE}") as stream:
+            world_size = int(json.loads(stream.read())["world_size"])
+        parts = pfs.get_file_info(fs.FileSelector(f"{path}/{PARTS_DIR}", allow_not_found=True))
+        if len({info.base_name for info in parts}) >= world_size:
+            return path
+    return None
+
+
 def latest_checkpoint(filesystem: Any, run_path: str) -> str | None:
     """The newest complete checkpoint under ``run_path`` (None when there is none)."""
     found = list_checkpoints(filesystem, run_path)

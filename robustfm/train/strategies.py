@@ -137,16 +137,24 @@ def build_optimizer(
     return optimizer, names, peak_lrs
 
 
-def deepspeed_config(cfg: TrainConfig, zero_stage: int) -> dict[str, Any]:
+# DeepSpeed's default ZeRO-1/2 bucket: 5e8 elements, allocated again at every step.
+DEEPSPEED_BUCKET_ELEMENTS = 500_000_000
+
+
+def deepspeed_config(cfg: TrainConfig, zero_stage: int, trainable_elements: int | None = None) -> dict[str, Any]:
     """DeepSpeed's config generated from ours (no hand-kept JSON; never DeepSpeed's own ``optimizer`` block, whose
-    FusedAdam JIT build fails on some CUDA arch lists: the client torch optimizer is used instead)."""
+    FusedAdam JIT build fails on some CUDA arch lists: the client torch optimizer is used instead).
+
+    ``trainable_elements`` caps ZeRO-1/2's reduce and all-gather buckets at the model's trainable size: DeepSpeed
+    allocates its 5e8-element buckets at every step, and under PyTorch's deterministic mode (which fills new memory)
+    that alone cost a small model ~2 s per step on a CPU."""
     precision = cfg.strategy.precision
     config: dict[str, Any] = {
         # The engine does not use DeepSpeed's data loader; the micro-batch size only feeds DeepSpeed's bookkeeping.
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": _zero_section(zero_stage, trainable_elements),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -158,6 +166,15 @@ def deepspeed_config(cfg: TrainConfig, zero_stage: int) -> dict[str, Any]:
     elif precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return config
+
+
+def _zero_section(zero_stage: int, trainable_elements: int | None) -> dict[str, Any]:
+    section: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage in (1, 2) and trainable_elements:
+        # at least 2**20 (no tiny buckets), a multiple of 1024 (DeepSpeed asserts an alignment of its all-gathers)
+        bucket = min(DEEPSPEED_BUCKET_ELEMENTS, -(-max(trainable_elements, 2**20) // 1024) * 1024)
+        section.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+    return section
 
 
 def weighted_total(losses: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
@@ -282,7 +299,8 @@ class DeepSpeedRuntime(StageRuntime):
 
         super().__init__(task, optimizer, device)
         self.zero_stage = zero_stage
-        self.config = deepspeed_config(cfg, zero_stage)
+        trainable = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+        self.config = deepspeed_config(cfg, zero_stage, trainable)
         self.engine, _, _, _ = deepspeed.initialize(
             model=task, optimizer=optimizer, config=self.config, dist_init_required=False
         )

@@ -150,6 +150,13 @@ def test_s3_run_storage_is_resumed_by_a_second_fit(ddp_run, s3_bucket):
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="runs", Prefix="engine/on-s3/")["Contents"]}
     assert "engine/on-s3/checkpoint_step_000000006/train_state.json" in keys
     assert not any("checkpoint_step_000000012" in k for k in keys)
+    # Both ranks marked their part of the step-6 checkpoint written. Ray Train registers a checkpoint only when its
+    # controller next polls the workers; forget what it registered, as a run that died within that interval would:
+    # the second fit must still resume from step 6 (fail_at_step fires only on a run that starts fresh).
+    assert {k for k in keys if "/parts_written/" in k} >= {
+        f"engine/on-s3/checkpoint_step_000000006/parts_written/rank_0000{r}" for r in (0, 1)
+    }
+    client.delete_object(Bucket="runs", Key="engine/on-s3/checkpoint_manager_snapshot.json")
     resumed = fit(cfg, build_tiny_task, SOURCE, run_name="on-s3")
     assert resumed.checkpoint_path == "s3://runs/engine/on-s3/checkpoint_step_000000012"
     _assert_states_equal(resumed.load_state_dict(), ddp_run.load_state_dict())

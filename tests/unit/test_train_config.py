@@ -85,6 +85,12 @@ def test_deepspeed_config_is_generated_from_ours():
     assert "bf16" not in bf16 and "fp16" not in bf16 and "optimizer" not in bf16 and "scheduler" not in bf16
     assert bf16["gradient_accumulation_steps"] == 4 and bf16["gradient_clipping"] == 0.5
     assert bf16["zero_optimization"] == {"stage": 2}
+    # ZeRO-1/2 buckets no larger than the trainable parameters (DeepSpeed's 5e8 default up to that size)
+    small = deepspeed_config(_load(), 2, trainable_elements=3_000)["zero_optimization"]
+    assert small == {"stage": 2, "reduce_bucket_size": 2**20, "allgather_bucket_size": 2**20}
+    assert deepspeed_config(_load(), 2, 3_000_001)["zero_optimization"]["reduce_bucket_size"] == 2930 * 1024
+    assert deepspeed_config(_load(), 1, 10**10)["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    assert deepspeed_config(_load(), 3, 3_000)["zero_optimization"] == {"stage": 3}
     fp16 = deepspeed_config(_load("strategy.precision=fp16", "use_gpu=true"), 3)
     assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0 and "torch_autocast" not in fp16
     with pytest.raises(ConfigError, match="fp16 needs use_gpu"):
