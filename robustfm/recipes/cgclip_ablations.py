@@ -74,8 +74,9 @@ def run_ablations(base: CGClipRecipeConfig, variants: dict[str, CGClipRecipeConf
     rows, pretrained = [], {}
     for name, cfg in variants.items():
         result = run(cfg)
-        final = result.milestones["-".join(cfg.curriculum)]
-        pretrained = result.milestones["pretrained"]
+        # (a milestone that eval.milestones leaves out shows as nan)
+        final = result.milestones.get("-".join(cfg.curriculum), {})
+        pretrained = result.milestones.get("pretrained", {})
         rows.append(
             {
                 "variant": f"{name} ({' > '.join(cfg.curriculum)})",

@@ -215,12 +215,16 @@ Evaluation = Callable[[Any, str], MilestoneResult]
 def milestone(run: RecipeRun, name: str, evaluate: Evaluation) -> dict[str, float]:
     """Evaluate milestone ``name`` with ``evaluate`` once; cached in ``milestones/<name>.json``.
 
-    With ``eval.enabled`` false nothing is evaluated (an empty result). The parent run gets every milestone's metrics
-    (prefixed ``<name>/``) and artifacts, also those an earlier run with a shared curriculum prefix computed.
+    With ``eval.enabled`` false nothing is evaluated (an empty result, cached); a milestone that ``eval.milestones``
+    leaves out is left out of ``run.milestones`` (and its tables), not cached. The parent run gets every milestone's metrics (prefixed ``<name>/``)
+    and artifacts, also those an earlier run with a shared curriculum prefix computed.
     """
     cached = run.out / "milestones" / f"{name}.json"
     if cached.is_file():
         record = json.loads(cached.read_text())
+    elif run.cfg.eval.enabled and not run.cfg.evaluates(name):
+        logger.info("milestone %s: not evaluated (eval.milestones: %s)", name, ", ".join(run.cfg.eval.milestones))
+        return {}
     else:
         record = {"metrics": {}, "artifacts": []}
         if run.cfg.eval.enabled:

@@ -52,6 +52,9 @@ class MilestoneEvalConfig:
     """Evaluate at milestones (False: train and export only, e.g. in sweeps and smoke runs)."""
     suites: tuple[str, ...] = ("zero_shot",)
     """Suites run at every milestone (``robustfm.evals.SUITES`` names); each recipe sets its own default."""
+    milestones: tuple[str, ...] | None = None
+    """Which milestones to evaluate: ``pretrained``, a curriculum prefix (``adapt-isolate``) or ``final`` (after the
+    last stage). None: every one. Skipped milestones are not cached: a later run that asks for them evaluates them."""
     tsne: bool = True
     """Save a t-SNE PNG of clean vs edited image embeddings at each milestone (recipes that have an edit)."""
     tsne_samples: int = 256
@@ -126,6 +129,18 @@ class RecipeConfig:
         )
         family, requirement = self.model_family
         check(self.model.name.startswith(family), "model.name", self.model.name, requirement)
+        known = ["pretrained", "final", *("-".join(self.curriculum[: i + 1]) for i in range(len(self.curriculum)))]
+        for name in self.eval.milestones or ():
+            check(name in known, "eval.milestones", name, f"is not a milestone of this run ({', '.join(known)})")
+
+    def evaluates(self, milestone: str) -> bool:
+        """Whether milestone ``milestone`` (``pretrained`` or a curriculum prefix) is evaluated in this run."""
+        wanted = self.eval.milestones
+        if not self.eval.enabled:
+            return False
+        if wanted is None or milestone in wanted:
+            return True
+        return "final" in wanted and milestone == "-".join(self.curriculum)
 
 
 def per_worker_batch(global_batch: int, train: TrainConfig, field_name: str, images_per_sample: int = 1) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from robustfm.config import load_config
@@ -53,3 +54,35 @@ def test_builder_loads_saved_task_weights(tmp_path) -> None:
     for (name, a), (_, b) in zip(saved.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert builder.from_weights(None).init_weights is None
+
+
+def test_eval_milestones_selects_what_is_evaluated_and_caches_only_that(tmp_path) -> None:
+    from robustfm.config import ConfigError
+    from robustfm.recipes.kit import MilestoneResult, RecipeRun, milestone
+    from robustfm.tracking.base import NullRun, NullTracker
+
+    cfg = load_config(CGClipRecipeConfig, DEMO, ["eval.milestones=[pretrained,final]"])
+    assert cfg.curriculum == ("adapt", "isolate", "tune")
+    run = RecipeRun(cfg, "cgclip", tmp_path, None, NullTracker(), NullRun())
+    evaluated = []
+
+    def evaluate(name: str):
+        def measure(tracker, run_id):
+            evaluated.append(name)
+            return MilestoneResult({"score": 1.0}, ())
+
+        return measure
+
+    for name in ["pretrained", "adapt", "adapt-isolate", "adapt-isolate-tune"]:
+        milestone(run, name, evaluate(name))
+    assert evaluated == ["pretrained", "adapt-isolate-tune"]  # "final" is the whole curriculum's milestone
+    assert list(run.milestones) == ["pretrained", "adapt-isolate-tune"]
+    assert sorted(p.name for p in (tmp_path / "milestones").iterdir()) == ["adapt-isolate-tune.json", "pretrained.json"]
+    # a later run asking for every milestone evaluates the skipped ones, and only those
+    everything = RecipeRun(load_config(CGClipRecipeConfig, DEMO), "cgclip", tmp_path, None, NullTracker(), NullRun())
+    for name in ["pretrained", "adapt", "adapt-isolate"]:
+        milestone(everything, name, evaluate(name))
+    assert evaluated == ["pretrained", "adapt-isolate-tune", "adapt", "adapt-isolate"]
+
+    with pytest.raises(ConfigError, match=r"eval\.milestones: is not a milestone of this run .*got 'adapt-tune'"):
+        load_config(CGClipRecipeConfig, DEMO, ["eval.milestones=[adapt-tune]"])
