@@ -216,8 +216,8 @@ def milestone(run: RecipeRun, name: str, evaluate: Evaluation) -> dict[str, floa
     """Evaluate milestone ``name`` with ``evaluate`` once; cached in ``milestones/<name>.json``.
 
     With ``eval.enabled`` false nothing is evaluated (an empty result, cached); a milestone that ``eval.milestones``
-    leaves out is left out of ``run.milestones`` (and its tables), not cached. The parent run gets every milestone's metrics (prefixed ``<name>/``)
-    and artifacts, also those an earlier run with a shared curriculum prefix computed.
+    leaves out is left out of ``run.milestones`` (and its tables), not cached. The parent run gets every milestone's
+    metrics (prefixed ``<name>/``) and artifacts, also those an earlier run with a shared curriculum prefix computed.
     """
     cached = run.out / "milestones" / f"{name}.json"
     if cached.is_file():
