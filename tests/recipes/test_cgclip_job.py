@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from robustfm.runtime import free_loopback_port
+from robustfm.testing.processes import stop_process_group
 from tests.recipes.conftest import REPO, run_job, tiny_cgclip_overrides
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -84,8 +85,7 @@ def ray_head(tmp_path_factory):
         os.killpg(head.pid, signal.SIGTERM)
         pytest.fail("the Ray head's dashboard did not come up within 120 s")
     yield address, env
-    os.killpg(head.pid, signal.SIGTERM)
-    head.wait(timeout=60)
+    stop_process_group(head, term_grace_s=60)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -121,11 +121,7 @@ def mlflow_server(tmp_path):
             time.sleep(0.5)
         yield url
     finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-        except ProcessLookupError:  # a server that died on start-up leaves no process group to stop
-            pass
-        server.wait(timeout=30)
+        stop_process_group(server)
 
 
 @pytest.mark.timeout(900)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 
 from robustfm.config import TrackingConfig
 from robustfm.runtime import free_loopback_port
+from robustfm.testing.processes import stop_process_group
 from robustfm.tracking import MlflowTracker, create_tracker
 
 N_CALLS = 200
@@ -180,17 +180,3 @@ def wait_for_health(uri: str, server: subprocess.Popen, timeout_s: float) -> Non
         except OSError:
             time.sleep(0.3)
     raise TimeoutError(f"mlflow server at {uri} did not become healthy in {timeout_s} s")
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM the group ``process`` leads (the server and its workers), then SIGKILL it if it lingers."""
-    for sig, grace_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=grace_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
