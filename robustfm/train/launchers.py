@@ -58,7 +58,7 @@ class RayWorkerContext:
 
     progress = "log"
 
-    def __init__(self) -> None:
+    def __init__(self, resume_unregistered: bool = True) -> None:
         import ray.train
         import ray.train.torch
 
@@ -68,7 +68,8 @@ class RayWorkerContext:
         self.device = ray.train.torch.get_device()
         storage = context.get_storage()
         self._filesystem, self._run_path = storage.storage_filesystem, storage.experiment_fs_path
-        self._checkpoint = self._resume_point(ray.train.get_checkpoint())
+        registered = ray.train.get_checkpoint()
+        self._checkpoint = self._resume_point(registered) if resume_unregistered else registered
         self.first_attempt = self._checkpoint is None
         self._stack = contextlib.ExitStack()
 
@@ -78,7 +79,8 @@ class RayWorkerContext:
         The controller registers a reported checkpoint only when it next polls the workers (every 2 s): a worker
         that dies sooner leaves a checkpoint that is whole in storage but unknown to Ray, and the restart would
         begin the run again. Every rank marks its part written (after its upload), so a checkpoint with all marks
-        is complete.
+        is complete. Not inside a Tune trial: Tune has not consumed the metrics reported since Ray's checkpoint (an
+        epoch's validation), and a trial resumed past them would never report them again.
         """
         import ray.train
 
@@ -124,7 +126,7 @@ class RayWorkerContext:
 
 def _ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     configure_worker_logging()
-    return config["request"].run_worker(RayWorkerContext())
+    return config["request"].run_worker(RayWorkerContext(config["resume_unregistered"]))
 
 
 def run_ray(request: LaunchRequest) -> LaunchOutcome:
@@ -151,7 +153,11 @@ def run_ray(request: LaunchRequest) -> LaunchOutcome:
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         callbacks=list(request.run_callbacks) or None,
     )
-    loop_config = {"request": dataclasses.replace(request, run_callbacks=())}
+    # Run callbacks come from Tune (TuneReportCallback): a trial resumes only from what Ray Train registered.
+    loop_config = {
+        "request": dataclasses.replace(request, run_callbacks=()),
+        "resume_unregistered": not request.run_callbacks,
+    }
     trainer = TorchTrainer(
         _ray_train_loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config
     )
