@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,8 @@ sys.path.insert(0, str(BENCHMARKS))
 
 from gpu_items import ITEMS  # noqa: E402
 from gpu_items.data_path import compare_with_trainer  # noqa: E402
+
+from robustfm.testing.processes import stop_process_group  # noqa: E402
 
 LOG_TAIL_BYTES = 200_000
 STARTUP_RESERVE_S = 20  # an item is not started with less time than this left in the budget
@@ -118,7 +119,7 @@ def run_item(name: str, profile: str, workdir: Path, timeout: float, env: dict[s
             code = process.wait(timeout=timeout)
             status = None
         except subprocess.TimeoutExpired:
-            _end_group(process)
+            stop_process_group(process, term_grace_s=10, kill_grace_s=5)
             code, status = None, "timeout"
     seconds = time.perf_counter() - started
     if status is None and result_file.is_file():
@@ -132,20 +133,6 @@ def run_item(name: str, profile: str, workdir: Path, timeout: float, env: dict[s
     result.update({"item": name, "title": ITEMS[name].title, "profile": profile, "seconds": seconds})
     result.setdefault("goal_met", None)
     return result
-
-
-def _end_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the item's process group, SIGKILL after 10 s."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _tail(path: Path, size: int) -> str:
