@@ -40,10 +40,16 @@ __all__ = [
 
 
 def ordered_execution() -> None:
-    """Make this process's Ray Data keep row order (a resumed run must see rows in exactly the same order)."""
+    """Make this process's Ray Data keep row order (a resumed run must see rows in exactly the same order), and read
+    Parquet with its task-based reader."""
     from ray.data import DataContext
 
-    DataContext.get_current().execution_options.preserve_order = True
+    context = DataContext.get_current()
+    context.execution_options.preserve_order = True
+    # Ray 2.60's default Parquet reader (datasource V2) starts up to 32 footer-reading actors per read, each a new
+    # process; for shard sets (tens to thousands of files, row counts already in the manifest) the task-based reader
+    # is as fast and starts none: measured 3 reads of the demo split, 24 s of CPU vs 18 s on 2 cores.
+    context.use_datasource_v2 = False
 
 
 SMALL_SPLIT_BYTES = 256 * 2**20
