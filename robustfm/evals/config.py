@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from robustfm.config.core import RegistrySections, check
+from robustfm.config.core import FrozenDict, RegistrySections, check
 from robustfm.config.schema import RayConfig, TrackingConfig
 from robustfm.evals import SUITES
 
@@ -64,6 +64,9 @@ class ActorPoolConfig:
     """CPUs each actor reserves. Use a fraction when data-reading tasks must run beside the actors on few cores."""
     num_gpus: float = 0.0
     """GPUs each actor reserves (its model then runs on CUDA)."""
+    resources: dict[str, float] = field(default_factory=FrozenDict)
+    """Custom Ray resources each actor reserves (a resource the nodes meant for scoring declare, e.g.
+    ``{scoring_node: 1}`` with ``ray start --resources '{"scoring_node": 4}'``): where the pool may place actors."""
     threads: int = 1
     """``torch.set_num_threads`` inside each actor: one thread per reserved CPU keeps actors from oversubscribing."""
     batch_size: int = 16
@@ -80,6 +83,8 @@ class ActorPoolConfig:
         check(self.max_actors >= self.min_actors, "max_actors", self.max_actors, "must be >= min_actors")
         check(self.num_cpus >= 0, "num_cpus", self.num_cpus, "must be >= 0")
         check(self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")
+        for key, value in self.resources.items():
+            check(value > 0, f"resources.{key}", value, "must be positive")
         check(self.threads >= 1, "threads", self.threads, "must be >= 1")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         check(self.wait_for_min_actors_s >= 0, "wait_for_min_actors_s", self.wait_for_min_actors_s, "must be >= 0")

@@ -122,6 +122,7 @@ def score_rows(
             ),
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus or None,
+            resources=dict(pool.resources) or None,
         )
         batches = list(scored.iter_batches(batch_size=None, batch_format="numpy"))
     finally:

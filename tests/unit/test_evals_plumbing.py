@@ -96,6 +96,10 @@ def test_parse_rejects_bad_refs(text):
 def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"eval\.pool\.max_actors"):
         load_config(EvaluateJobConfig, overrides=["eval.pool.min_actors=3", "eval.pool.max_actors=2"])
+    with pytest.raises(ConfigError, match=r"eval\.pool\.resources\.scoring_node: must be positive, got 0"):
+        load_config(EvaluateJobConfig, overrides=["eval.pool.resources={scoring_node: 0}"])
+    pinned = load_config(EvaluateJobConfig, overrides=["eval.pool.resources={scoring_node: 1}"])
+    assert dict(pinned.eval.pool.resources) == {"scoring_node": 1.0}
     with pytest.raises(ConfigError, match=r"eval\.suites\.zero_shot\.templates"):
         load_config(EvaluateJobConfig, overrides=["eval.suites.zero_shot.templates=[no placeholder]"])
     cfg = load_config(EvaluateJobConfig, overrides=["eval.suites.retrieval.ks=[1,2]", "eval.seed=3"])
