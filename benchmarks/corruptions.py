@@ -5,7 +5,8 @@
 
 For each corruption: images/s of the reference (numpy/OpenCV, one image at a time, as it is used) and of ours
 (``corrupt_batch``, random draws included), both pinned to one thread and timed in process CPU time, and their
-ratio (best of alternating rounds on each side, to damp a shared machine's noise). The reference's output is turned
+ratio: the median over alternating rounds (>= 5) of each round's ratio, with its min and max, to damp a shared
+machine's noise; PASS / FAIL is decided on the medians. The reference's output is turned
 into an array (``np.asarray``), as any user of it does: its jpeg_compression returns a lazily decoded PIL image, and
 timing it without the decode would leave out half of its work. Our batch is a contiguous float32 (N, 3, H, W) tensor,
 as the data pipeline hands it over.
@@ -28,6 +29,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import argparse  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -73,18 +75,19 @@ def rate(fn, items: int, min_time: float, clock=time.process_time) -> float:
             return calls * items / elapsed
 
 
-def best_rates(reference_fn, our_fn, our_items: int, min_time: float, rounds: int) -> tuple[float, float]:
-    """Best rate of each side over ``rounds`` alternating rounds (after one warm-up call each).
+def paired_rates(reference_fn, our_fn, our_items: int, min_time: float, rounds: int) -> tuple[list[float], list[float]]:
+    """Each side's rate in each of ``rounds`` alternating rounds (after one warm-up call each).
 
-    Alternating and keeping the best damps the noise of a shared machine: both sides get the same chances.
+    A round times the reference, then ours, back to back: a burst of load from elsewhere hits both sides of a round
+    alike, so the per-round ratios are what to compare; the median of them decides.
     """
     reference_fn()
     our_fn()
-    ref_best = our_best = 0.0
+    ref_rates, our_rates = [], []
     for _ in range(rounds):
-        ref_best = max(ref_best, rate(reference_fn, 1, min_time / rounds))
-        our_best = max(our_best, rate(our_fn, our_items, min_time / rounds))
-    return ref_best, our_best
+        ref_rates.append(rate(reference_fn, 1, min_time / rounds))
+        our_rates.append(rate(our_fn, our_items, min_time / rounds))
+    return ref_rates, our_rates
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32, help="our batch (the reference runs image by image)")
     parser.add_argument("--min-time", type=float, default=1.5, help="seconds of timing per side and corruption")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds; the best of each side")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating timing rounds (>= 5); the median decides")
     parser.add_argument("--gpu-batch-size", type=int, default=256)
     args = parser.parse_args(argv)
 
@@ -116,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"corruptions at severity {args.severity}, {args.size} px, one thread each side, CPU time")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
-    print(f"{'corruption':<18} {'reference img/s':>16} {'robustfm img/s':>15} {'ratio':>8}")
-    ref_rates, our_rates = [], []
+    print(f"{'corruption':<18} {'reference img/s':>16} {'robustfm img/s':>15} {'ratio':>8}  {'min - max':>13}")
+    ref_rates, our_rates, median_ratios = [], [], []
     for name in names:
         ref_fn = getattr(reference, name)
         state = {"i": 0}
@@ -130,20 +133,28 @@ def main(argv: list[str] | None = None) -> None:
         def run_ours(name=name):
             corrupt_batch(batch, [name] * len(seeds), [args.severity] * len(seeds), seeds)
 
-        ref_rate, our_rate = best_rates(run_reference, run_ours, len(seeds), args.min_time, args.rounds)
-        ref_rates.append(ref_rate)
-        our_rates.append(our_rate)
-        flag = "  <- SLOWER than the reference" if our_rate < ref_rate else ""
-        print(f"{name:<18} {ref_rate:>16.1f} {our_rate:>15.1f} {our_rate / ref_rate:>7.2f}x{flag}", flush=True)
-    print_summary(names, ref_rates, our_rates)
+        refs, ours = paired_rates(run_reference, run_ours, len(seeds), args.min_time, args.rounds)
+        ratios = [o / r for r, o in zip(refs, ours, strict=True)]
+        ref_rates.append(statistics.median(refs))
+        our_rates.append(statistics.median(ours))
+        ratio = statistics.median(ratios)
+        flag = "  <- SLOWER than the reference" if ratio < 1 else ""
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}x"
+        row = f"{name:<18} {ref_rates[-1]:>16.1f} {our_rates[-1]:>15.1f} {ratio:>7.2f}x  {spread:>13}{flag}"
+        print(row, flush=True)
+        median_ratios.append(ratio)
+    print(f"(median of {args.rounds} alternating rounds per side; the ratio is the median of the rounds' ratios)")
+    print_summary(names, median_ratios, ref_rates, our_rates)
 
     if torch.cuda.is_available():
         gpu_benchmark(args)
 
 
-def print_summary(names: Sequence[str], ref_rates: Sequence[float], our_rates: Sequence[float]) -> None:
-    """The slower-than-reference list, the mean and geometric mean of the ratios, and the whole-pass ratio."""
-    ratios = [ours / ref for ref, ours in zip(ref_rates, our_rates, strict=True)]
+def print_summary(
+    names: Sequence[str], ratios: Sequence[float], ref_rates: Sequence[float], our_rates: Sequence[float]
+) -> None:
+    """The slower-than-reference list (median ratios), the mean and geometric mean of the ratios, the whole-pass
+    ratio, and PASS / FAIL: no corruption below 1.0x."""
     slower = [f"{name} {ratio:.2f}x" for name, ratio in zip(names, ratios, strict=True) if ratio < 1]
     print(f"below 1.0x: {', '.join(slower) if slower else 'none'}")
     geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
@@ -153,6 +164,7 @@ def print_summary(names: Sequence[str], ref_rates: Sequence[float], our_rates: S
         f"mean ratio {sum(ratios) / len(ratios):.2f}x, geometric mean {geo:.2f}x, "
         f"whole pass {whole:.2f}x over {len(ratios)} corruptions"
     )
+    print(f"{'FAIL' if slower else 'PASS'}: no corruption below 1.0x of the reference (decided on median ratios)")
 
 
 def gpu_benchmark(args: argparse.Namespace) -> None:

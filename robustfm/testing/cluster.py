@@ -8,14 +8,13 @@ a process of their own (see ``tests/ray/multinode_scenarios.py``), not beside a 
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+AGENT_PORTS = ("dashboard_agent_listen_port", "metrics_agent_port", "metrics_export_port", "runtime_env_agent_port")
 
 
 class SimulatedCluster:
@@ -47,17 +46,14 @@ class SimulatedCluster:
             "temp_dir": self.temp_dir,
             "object_store_memory": 100 * 2**20,
             # Ports of their own: another Ray on this machine (a test session's) may hold the default ones.
-            **{
-                port: free_loopback_port()
-                for port in ("dashboard_agent_listen_port", "metrics_agent_port", "metrics_export_port",
-                             "runtime_env_agent_port")
-            },  # fmt: skip
+            **{port: free_loopback_port() for port in AGENT_PORTS},
         }
 
     def connect(self) -> None:
         import ray
 
-        ray.init(address=self.cluster.address, log_to_driver=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
+        quiet = ray.LoggingConfig(log_level="WARNING")
+        ray.init(address=self.cluster.address, log_to_driver=False, logging_config=quiet)
 
     def add_node(self, name: str, cpus: float, resources: Mapping[str, float]) -> str:
         """Start node ``name`` with ``cpus`` CPUs and ``resources``; returns its Ray node id once it is alive."""

@@ -231,7 +231,13 @@ def eval_scenario(cluster: SimulatedCluster, out: Path, max_failures: int) -> di
         EvalConfig,
         base={
             "output_dir": str(out),
-            "pool": {"min_actors": 2, "max_actors": 2, "num_cpus": 0.5, "resources": {"score_slot": 1}, "batch_size": 2},
+            "pool": {
+                "min_actors": 2,
+                "max_actors": 2,
+                "num_cpus": 0.5,
+                "resources": {"score_slot": 1},  # one actor per scoring node: each node has one score_slot
+                "batch_size": 2,
+            },
         },
     )
     log = out / "batches.log"
