@@ -41,6 +41,9 @@ def init_ray(cfg: RayConfig, log_to_driver: bool = True, verbose: bool = False) 
         if address:
             ray.init(address=address, log_to_driver=log_to_driver, logging_config=logging_config)
         else:
+            # One machine cannot be preempted: Ray Train's preemption watcher (an actor process per training run,
+            # polling for draining nodes) only costs CPU here. On a cluster it stays on.
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             dashboard_port = own_state_api_address(cfg.include_dashboard)
             ray.init(
                 # "local": always a new embedded Ray; without it, ray.init joins a head that `ray start` left here.

@@ -178,3 +178,10 @@ def test_the_session_ray_answers_state_api_queries_about_its_own_actors(ray_sess
         assert "state-api-beacon" in names
     finally:
         ray_session.kill(beacon)
+
+
+def test_a_run_on_the_embedded_ray_starts_no_preemption_watcher(ray_session, ddp_run):
+    """One machine is never preempted: the embedded Ray runs Ray Train without its preemption-watcher actor."""
+    classes = {actor["ActorClassName"] for actor in ray_session._private.state.actors().values()}
+    assert any(name.startswith("RayTrainWorker") for name in classes)  # a run did happen on this Ray
+    assert not [name for name in classes if "PreemptionWatcher" in name]

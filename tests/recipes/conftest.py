@@ -38,12 +38,21 @@ def tiny_cgclip_overrides(out: Path, shards: str, **extra: str) -> list[str]:
         "eval.settings.suites.zero_shot.perturbations": "[brightness]",
         "eval.settings.suites.zero_shot.perturbation_steps": "2",
         "export.wise_ft_alphas": "[]",
+        # Its own embedded Ray without the dashboard (~10 processes, ~1 GB): nothing in a recipe job reads the State
+        # API, and two jobs side by side on CI's 2 cores starved with them (`ray job submit` runs on a head of its own).
+        "ray.include_dashboard": "false",
     }
     overrides.update(extra)
     return [f"{key}={value}" for key, value in overrides.items()]
 
 
-def run_job(args: list[str], timeout: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+JOB_TIMEOUT_S = 1200
+"""A job run's limit: ~2-4 minutes alone on two idle cores, but CI runs two tests side by side on a slower machine."""
+
+
+def run_job(
+    args: list[str], timeout: int = JOB_TIMEOUT_S, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run a job script with this interpreter, from the repository root."""
     return subprocess.run(
         [sys.executable, *args],

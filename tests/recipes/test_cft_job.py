@@ -37,6 +37,7 @@ def cft_overrides(out: Path, shards: str, **extra: str) -> list[str]:
         "eval.settings.suites.classification.data.max_samples": "8",
         "eval.settings.suites.relevance_alignment.data.max_samples": "8",
         "export.wise_ft_alphas": "[]",  # timm WiSE-FT: tests/unit/test_models_export_timm.py
+        "ray.include_dashboard": "false",  # as in tiny_cgclip_overrides
     }
     overrides.update(extra)
     return [f"{key}={value}" for key, value in overrides.items()]

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from tests.recipes.conftest import run_job, tiny_cgclip_overrides
+from tests.recipes.conftest import JOB_TIMEOUT_S, run_job, tiny_cgclip_overrides
 
 VARIANTS = {
     "CLIP + linear probe (pretrained)": None,
@@ -28,7 +28,7 @@ def _table_rows(markdown: str) -> dict[str, dict[str, str]]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(JOB_TIMEOUT_S + 120)
 def test_ablation_job_writes_the_whole_table_training_each_prefix_once(demo_shards, tmp_path):
     from mlflow import MlflowClient
 
@@ -48,7 +48,7 @@ def test_ablation_job_writes_the_whole_table_training_each_prefix_once(demo_shar
         },
     )
     job = ["jobs/cgclip_ablations.py", "--config", "configs/cgclip/demo.yaml", *overrides]
-    done = run_job([*job, "--presets", "flyp_only", "no_tune"], timeout=850)
+    done = run_job([*job, "--presets", "flyp_only", "no_tune"])
     assert done.returncode == 0, done.stderr[-4000:]
 
     table_path = tmp_path / "abl" / "ablations.md"

@@ -19,7 +19,7 @@ import pytest
 
 from robustfm.runtime import free_loopback_port
 from robustfm.testing.processes import stop_process_group
-from tests.recipes.conftest import REPO, run_job, tiny_cgclip_overrides
+from tests.recipes.conftest import JOB_TIMEOUT_S, REPO, run_job, tiny_cgclip_overrides
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -124,7 +124,7 @@ def mlflow_server(tmp_path):
         stop_process_group(server)
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(JOB_TIMEOUT_S + 420)
 def test_ray_job_submit_runs_cgclip_end_to_end(ray_head, mlflow_server, demo_shards, tmp_path):
     from robustfm.testing.datasets import write_demo_shards
 
@@ -163,7 +163,7 @@ def test_ray_job_submit_runs_cgclip_end_to_end(ray_head, mlflow_server, demo_sha
     deadline = time.time() + 300  # the head's job agent starts after its dashboard answers (slow on a busy machine)
     try:
         while True:
-            submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=840)
+            submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
             if "No available agent to submit job" not in submit.stderr or time.time() > deadline:
                 break
             time.sleep(10)
@@ -226,7 +226,7 @@ def test_ray_job_submit_runs_cgclip_end_to_end(ray_head, mlflow_server, demo_sha
     assert torch.equal(state[visual_key], next(v for k, v in stage_state.items() if k.endswith(visual_key)))
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(2 * JOB_TIMEOUT_S + 120)
 def test_worker_killed_in_stage_two_resumes_from_its_checkpoint(demo_shards, tmp_path):
     base = [
         "jobs/cgclip.py",
@@ -247,14 +247,14 @@ def test_worker_killed_in_stage_two_resumes_from_its_checkpoint(demo_shards, tmp
     ]
     # Stage 1 has 2 steps; in stage 2 every worker dies (os._exit) right after step 4, after the step-4 checkpoint
     # ... of the global step counter of that stage's run.
-    first = run_job([*base, "train.fail_at_step=4"], timeout=600)
+    first = run_job([*base, "train.fail_at_step=4"])
     assert first.returncode != 0
     stage_one = tmp_path / "killed" / "stages" / "adapt" / "task.safetensors"
     assert stage_one.is_file(), first.stdout[-3000:] + first.stderr[-3000:]
     assert not (tmp_path / "killed" / "stages" / "adapt-isolate" / "task.safetensors").exists()
     mtime = stage_one.stat().st_mtime
 
-    second = run_job(base, timeout=600)
+    second = run_job(base)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert stage_one.stat().st_mtime == mtime  # stage 1 was not trained again
     assert (tmp_path / "killed" / "stages" / "adapt-isolate" / "task.safetensors").is_file()

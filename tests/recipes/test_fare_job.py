@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.recipes.conftest import run_job
+from tests.recipes.conftest import JOB_TIMEOUT_S, run_job
 
 pytestmark = [pytest.mark.ray]
 
@@ -36,22 +36,23 @@ def fare_overrides(out: Path, shards: str, **extra: str) -> list[str]:
         "eval.settings.suites.two_afc.attack_steps": "2",
         "eval.settings.suites.two_afc.attack_samples": "2",
         "export.wise_ft_alphas": "[]",
+        "ray.include_dashboard": "false",  # as in tiny_cgclip_overrides
     }
     overrides.update(extra)
     return [f"{key}={value}" for key, value in overrides.items()]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(2 * JOB_TIMEOUT_S + 120)
 def test_fare_runs_resumes_and_exports_a_model_open_clip_loads(demo_shards, tmp_path):
     base = ["jobs/fare.py", "--config", "configs/fare/demo.yaml", *fare_overrides(tmp_path, demo_shards)]
     out = tmp_path / "fare"
     saved = out / "stages" / "finetune" / "task.safetensors"
 
     # Every worker dies right after global step 3, before its checkpoint: the newest in storage is step 2's.
-    first = run_job([*base, "train.fail_at_step=3"], timeout=600)
+    first = run_job([*base, "train.fail_at_step=3"])
     assert first.returncode != 0 and not saved.exists(), first.stdout[-3000:] + first.stderr[-3000:]
-    second = run_job(base, timeout=600)
+    second = run_job(base)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     train_state = json.loads((out / "stages" / "finetune" / "train_metrics.json").read_text())
     assert train_state["global_step"] == 4 and train_state["strategy"] == "deepspeed"

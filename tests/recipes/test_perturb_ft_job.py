@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.recipes.conftest import run_job
+from tests.recipes.conftest import JOB_TIMEOUT_S, run_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -32,12 +32,13 @@ def perturb_ft_overrides(out: Path, shards: str, **extra: str) -> list[str]:
         "eval.settings.suites.zero_shot.data.max_samples": "8",
         "eval.settings.suites.zero_shot.perturbations": "[brightness,jpeg_quality,gaussian_blur]",
         "export.wise_ft_alphas": "[]",
+        "ray.include_dashboard": "false",  # as in tiny_cgclip_overrides
     }
     overrides.update(extra)
     return [f"{key}={value}" for key, value in overrides.items()]
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(3 * JOB_TIMEOUT_S + 120)
 def test_perturb_ft_runs_resumes_and_skips_finished_stages(demo_shards, tmp_path):
     base = [
         "jobs/perturb_ft.py",
@@ -50,13 +51,13 @@ def test_perturb_ft_runs_resumes_and_skips_finished_stages(demo_shards, tmp_path
     pretrained_cache = out / "milestones" / "pretrained.json"
 
     # Every worker dies right after global step 3, before its checkpoint: the newest in storage is step 2's.
-    first = run_job([*base, "train.fail_at_step=3"], timeout=600)
+    first = run_job([*base, "train.fail_at_step=3"])
     assert first.returncode != 0
     assert pretrained_cache.is_file(), first.stdout[-3000:] + first.stderr[-3000:]
     assert not saved.exists()
     pretrained_mtime = pretrained_cache.stat().st_mtime
 
-    second = run_job(base, timeout=600)
+    second = run_job(base)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert saved.is_file()
     assert pretrained_cache.stat().st_mtime == pretrained_mtime  # the cached milestone was not evaluated again
@@ -100,7 +101,7 @@ def test_perturb_ft_runs_resumes_and_skips_finished_stages(demo_shards, tmp_path
     # A third run finds the stage finished: skipped, nothing trained (the stage's weights are untouched).
     saved_mtime = saved.stat().st_mtime
     runs_before = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    third = run_job(base, timeout=600)
+    third = run_job(base)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert saved.stat().st_mtime == saved_mtime
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs_before

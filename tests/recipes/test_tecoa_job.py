@@ -7,16 +7,16 @@ import json
 
 import pytest
 
-from tests.recipes.conftest import run_job
+from tests.recipes.conftest import JOB_TIMEOUT_S, run_job
 from tests.recipes.test_fare_job import fare_overrides
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(JOB_TIMEOUT_S + 120)
 def test_tecoa_runs_with_ddp_and_prints_where_results_are(demo_shards, tmp_path):
     overrides = fare_overrides(tmp_path, demo_shards, name="tecoa", **{"train.strategy.name": "ddp"})
-    done = run_job(["jobs/tecoa.py", "--config", "configs/tecoa/demo.yaml", *overrides], timeout=600)
+    done = run_job(["jobs/tecoa.py", "--config", "configs/tecoa/demo.yaml", *overrides])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "tecoa"
     train_state = json.loads((out / "stages" / "finetune" / "train_metrics.json").read_text())
