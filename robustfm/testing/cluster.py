@@ -4,6 +4,10 @@
 on 127.0.0.1, each with its own share of CPUs and its own custom resources, so work can be pinned to a node), joins
 it from this process, and removes or adds nodes while work runs. A process holds one Ray at a time: run scenarios in
 a process of their own (see ``tests/ray/multinode_scenarios.py``), not beside a test session's Ray.
+
+That process must set ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` before it imports Ray: otherwise Ray rewrites
+"127.0.0.1" in the cluster's address to this machine's network IP, where nodes bound to loopback cannot be reached,
+and joining waits forever (as on macOS, the setting keeps a cluster on one machine).
 """
 
 from __future__ import annotations
@@ -26,7 +30,14 @@ class SimulatedCluster:
     """
 
     def __init__(self, temp_dir: str | Path, head_cpus: float = 1) -> None:
+        from ray._private import ray_constants
         from ray.cluster_utils import Cluster
+
+        if ray_constants.ENABLE_RAY_CLUSTER:
+            raise RuntimeError(
+                "SimulatedCluster: set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray (see this module's "
+                "docstring); without it the nodes on 127.0.0.1 cannot be joined"
+            )
 
         self.temp_dir = str(temp_dir)
         os.makedirs(self.temp_dir, exist_ok=True)

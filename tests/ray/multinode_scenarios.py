@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -24,8 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Ray resolves "127.0.0.1" in an address to this machine's network IP, where nodes bound to loopback cannot be reached;
-# with this set (as on macOS, where Ray keeps clusters on one machine) it keeps loopback addresses as they are.
+# Before Ray is imported: see robustfm.testing.cluster (loopback addresses stay loopback).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import torch  # noqa: E402
@@ -281,11 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-failures", type=int, default=1)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    cluster = SimulatedCluster(tempfile.mkdtemp(prefix="rfm-nodes-", dir="/tmp"), head_cpus=1)
+    temp_dir = tempfile.mkdtemp(prefix="rfm-nodes-", dir="/tmp")  # short: Ray's socket paths live under it
+    cluster = SimulatedCluster(temp_dir, head_cpus=1)
     try:
         record = SCENARIOS[args.scenario](cluster, args.out, args.max_failures)
     finally:
         cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
     (args.out / "result.json").write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))
     return 0
