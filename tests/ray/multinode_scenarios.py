@@ -70,6 +70,29 @@ class PacedTaskBuilder:
         return PacedTask(self.log_path)
 
 
+class InBackground:
+    """Runs ``work()`` in a thread (this main thread must stay free: Ray starts nodes only from it); :meth:`outcome`
+    waits for it and returns ``(result, None)`` or ``(None, error text)``, recorded rather than raised so that the
+    test can say what went wrong."""
+
+    def __init__(self, work: Any, what: str) -> None:
+        self.what, self.found = what, {}
+        self.thread = threading.Thread(target=self._run, args=(work,), daemon=True)
+        self.thread.start()
+
+    def _run(self, work: Any) -> None:
+        try:
+            self.found["result"] = work()
+        except Exception as err:
+            self.found["error"] = f"{type(err).__name__}: {err}"
+
+    def outcome(self, timeout_s: float = 300) -> tuple[Any, str | None]:
+        self.thread.join(timeout=timeout_s)
+        if "result" in self.found:
+            return self.found["result"], None
+        return None, self.found.get("error", f"{self.what} did not end within {timeout_s:.0f} s")
+
+
 def train_config(storage: Path, max_failures: int) -> Any:
     from robustfm.config import load_config
     from robustfm.train import TrainConfig
@@ -112,31 +135,20 @@ def train_scenario(cluster: SimulatedCluster, out: Path, max_failures: int) -> d
     reference_log = out / "uninterrupted_nodes.log"
     reference = fit(cfg, PacedTaskBuilder(str(reference_log)), source, run_name="uninterrupted", tracking_uri=tracking)
 
-    # The run trains in a thread; this (main) thread loses node b and adds node c: Ray starts nodes only from the
-    # main thread.
     attempts_log = out / "lost_node_nodes.log"
-    outcome: dict[str, Any] = {}
-
-    def train() -> None:
-        try:
-            outcome["result"] = fit(
-                cfg, PacedTaskBuilder(str(attempts_log)), source, run_name="lost-node", tracking_uri=tracking
-            )
-        except Exception as err:  # recorded, not raised: the test says what went wrong
-            outcome["error"] = f"{type(err).__name__}: {err}"
-
-    trainer = threading.Thread(target=train, daemon=True)
-    trainer.start()
+    run = InBackground(
+        lambda: fit(cfg, PacedTaskBuilder(str(attempts_log)), source, run_name="lost-node", tracking_uri=tracking),
+        "the run",
+    )
     marks = storage / "lost-node" / "checkpoint_step_000000006" / "parts_written"
     wait_for(lambda: marks.is_dir() and len(list(marks.iterdir())) == 2, 180, "both ranks' step-6 checkpoint")
     cluster.remove_node("b")
     record: dict[str, Any] = {"run_had_finished": (storage / "lost-node" / "checkpoint_step_000000012").exists()}
     nodes["c"] = cluster.add_node("c", 1, {"train_slot": 1})
     record["nodes"] = nodes
-    trainer.join(timeout=300)
-    if "result" not in outcome:
-        return {**record, "error": outcome.get("error", "the run did not end within 300 s")}
-    result = outcome["result"]
+    result, error = run.outcome()
+    if error:
+        return {**record, "error": error}
 
     state, expected = result.load_state_dict(), reference.load_state_dict()
     differing = [key for key in expected if not torch.equal(state[key], expected[key])]
@@ -241,25 +253,15 @@ def eval_scenario(cluster: SimulatedCluster, out: Path, max_failures: int) -> di
         },
     )
     log = out / "batches.log"
-    outcome: dict[str, Any] = {}
-
-    def evaluate() -> None:
-        try:
-            outcome["result"] = run_suite("paced_test", "open_clip/tiny-vit", cfg, keep_rows=True)
-        except Exception as err:  # recorded, not raised: the test says what went wrong
-            outcome["error"] = f"{type(err).__name__}: {err}"
-
-    scorer = threading.Thread(target=evaluate, daemon=True)
-    scorer.start()
+    suite = InBackground(lambda: run_suite("paced_test", "open_clip/tiny-vit", cfg, keep_rows=True), "the suite")
     wait_for(lambda: log.exists() and nodes["b"] in log.read_text(), 240, "a batch scored on node b")
     cluster.remove_node("b")
     record: dict[str, Any] = {"batches_started_before_loss": len(log.read_text().splitlines())}
     nodes["c"] = cluster.add_node("c", 1, {"score_slot": 1})
     record["nodes"] = nodes
-    scorer.join(timeout=300)
-    if "result" not in outcome:
-        return {**record, "error": outcome.get("error", "the suite did not end within 300 s")}
-    result = outcome["result"]
+    result, error = suite.outcome()
+    if error:
+        return {**record, "error": error}
     rows = result.rows
     record.update(
         counts=result.counts,
