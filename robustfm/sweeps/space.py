@@ -143,9 +143,14 @@ class SweepSpace:
     """Stages of the recipe each trial trains, in order (empty: the recipe's own list, CG-CLIP's ``curriculum``)."""
     init_weights: str | None = None
     """A saved task state (safetensors) every trial starts from; None: the recipe's initial model."""
+    max_trial_failures: int = 1
+    """Times Tune restarts a trial that failed (its node was lost, its process died, its Train run gave up after
+    ``train.max_failures``); the restarted trial's Train run resumes from its last checkpoint. 0: a failed trial
+    ends in ERROR (rerunning the sweep command retries it)."""
 
     def __post_init__(self) -> None:
         check(self.num_samples >= 1, "num_samples", self.num_samples, "must be >= 1")
+        check(self.max_trial_failures >= 0, "max_trial_failures", self.max_trial_failures, "must be >= 0")
         check(self.max_concurrent >= 1, "max_concurrent", self.max_concurrent, "must be >= 1")
         check(len(self.space) > 0, "space", dict(self.space), "needs at least one parameter")
         dists = self.distributions()

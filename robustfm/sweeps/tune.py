@@ -117,7 +117,9 @@ def plan_sweep(
 class TrialSetup:
     """What every trial function needs besides its sampled values (picklable)."""
 
-    recipe: str
+    adapter: SweepableRecipe
+    """The recipe's sweep adapter, resolved on the driver (a trial process has the registry's built-in recipes
+    only)."""
     base: Any
     stages: tuple[str, ...]
     init_weights: str | None
@@ -141,8 +143,9 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     for path, value in config.items():
         cfg = replace_path(cfg, path, value)
     trial_id = tune.get_context().get_trial_id()
-    adapter = sweep_adapter(setup.recipe)
-    adapter.train_trial(cfg, setup.stages, setup.init_weights, f"{setup.sweep_name}-{trial_id}", [EpochResults()])
+    # A trial restarted after a failure (max_trial_failures) gets the same run name: its Train run resumes.
+    run_name = f"{setup.sweep_name}-{trial_id}"
+    setup.adapter.train_trial(cfg, setup.stages, setup.init_weights, run_name, [EpochResults()])
 
 
 def run_sweep(plan: SweepPlan) -> SweepResult:
@@ -168,7 +171,7 @@ def run_sweep(plan: SweepPlan) -> SweepResult:
                 uri, base.tracking.experiment, plan.name, params, {"sweep": "true", "recipe": plan.recipe}
             )
             parent_file.write_text(parent_run_id)
-    setup = TrialSetup(plan.recipe, base, plan.stages, space.init_weights, plan.name, space.metric)
+    setup = TrialSetup(adapter, base, plan.stages, space.init_weights, plan.name, space.metric)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": TRIAL_CPUS})
     if tune.Tuner.can_restore(str(plan.experiment_dir)):
         logger.info("resuming the sweep in %s", plan.experiment_dir)
@@ -194,7 +197,10 @@ def run_sweep(plan: SweepPlan) -> SweepResult:
                 max_concurrent_trials=space.max_concurrent if space.searcher.type == "optuna_tpe" else None,
             ),
             run_config=tune.RunConfig(
-                name=plan.experiment_dir.name, storage_path=str(plan.experiment_dir.parent), callbacks=callbacks
+                name=plan.experiment_dir.name,
+                storage_path=str(plan.experiment_dir.parent),
+                callbacks=callbacks,
+                failure_config=tune.FailureConfig(max_failures=space.max_trial_failures),
             ),
         )
     grid = tuner.fit()

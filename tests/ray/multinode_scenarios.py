@@ -9,6 +9,10 @@ Each writes ``<out_dir>/result.json`` with what happened; ``tests/ray/test_multi
 - ``eval``: a suite scored by a 2-actor pool, one actor on each of nodes ``a`` and ``b`` (one ``score_slot``
   each); node ``b`` is removed while its actor holds batches, and node ``c`` is added. Every image must be scored
   exactly once in the final counts.
+- ``sweep``: a 2-trial sweep (``jobs/sweep.py``'s ``plan_sweep`` / ``run_sweep``) whose trials train on nodes ``a``
+  and ``b``; node ``b`` is removed once its trial has written its step-6 checkpoint, and node ``c`` is added. With
+  ``max_trial_failures`` (``--max-failures``) Tune restarts that trial, whose Train run resumes from the checkpoint:
+  every trial must end with all its epochs, the restarted one without training its first epoch again.
 """
 
 from __future__ import annotations
@@ -27,14 +31,18 @@ from typing import Any
 
 # Before Ray is imported: see robustfm.testing.cluster (loopback addresses stay loopback).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# A raylet gets 10 s to register with the GCS by default; on 2 busy cores (a CI run) starting a node can take longer.
+os.environ.setdefault("RAY_raylet_start_wait_time_s", "60")
 
 import torch  # noqa: E402
 
+from robustfm.config.schema import TrackingConfig  # noqa: E402
 from robustfm.evals.actors import FieldSpec, ScoringActor  # noqa: E402
 from robustfm.evals.config import EvalConfig, EvalDataConfig  # noqa: E402
 from robustfm.evals.metrics import MetricSpec, MetricTable  # noqa: E402
 from robustfm.evals.suite import Suite, SuiteOutput  # noqa: E402
 from robustfm.testing.cluster import SimulatedCluster, wait_for
+from robustfm.train import TrainConfig  # noqa: E402
 from robustfm.train.synthetic import SyntheticBatchSource, TinyRegressionTask  # noqa: E402
 
 STEP_PACE_S = 0.4  # each training step sleeps this long, so that the node is lost mid-stage, not after the run
@@ -93,6 +101,18 @@ class InBackground:
         return None, self.found.get("error", f"{self.what} did not end within {timeout_s:.0f} s")
 
 
+STAGES = {
+    "head": {"trainable": ["head"], "lr": {"head": 0.05}, "loss_weights": {"mse": 1.0}},
+    "body": {
+        "trainable": ["body", "head"],
+        "lr": {"body": 0.02, "head": 0.02},
+        "epochs": 2,
+        "loss_weights": {"mse": 1.0, "l1": 0.5},
+    },
+}
+"""The stages every scenario trains: the head alone for an epoch, then body and head for two."""
+
+
 def train_config(storage: Path, max_failures: int) -> Any:
     from robustfm.config import load_config
     from robustfm.train import TrainConfig
@@ -110,15 +130,7 @@ def train_config(storage: Path, max_failures: int) -> Any:
             "max_failures": max_failures,
             "optimizer": {"name": "sgd", "momentum": 0.9},
             "strategy": {"name": "ddp"},
-            "stages": {
-                "head": {"trainable": ["head"], "lr": {"head": 0.05}, "loss_weights": {"mse": 1.0}},
-                "body": {
-                    "trainable": ["body", "head"],
-                    "lr": {"body": 0.02, "head": 0.02},
-                    "epochs": 2,
-                    "loss_weights": {"mse": 1.0, "l1": 0.5},
-                },
-            },
+            "stages": STAGES,
         },
     )
 
@@ -273,7 +285,165 @@ def eval_scenario(cluster: SimulatedCluster, out: Path, max_failures: int) -> di
     return record
 
 
-SCENARIOS = {"train": train_scenario, "eval": eval_scenario}
+# --- sweep: a Tune trial losing its node -------------------------------------------------------------------------
+
+SWEEP_RECIPE = "paced_sweep_test"
+
+
+@dataclass(frozen=True)
+class PacedSweepConfig:
+    """The swept recipe's config: what the sweep driver reads (``output_dir``, ``seed``, ``train``, ``tracking``)."""
+
+    output_dir: str = "outputs/paced-sweep"
+    seed: int = 0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# The types themselves, not their names: a trial process gets this class by value (it cannot import the script), and
+# resolving the names would look them up in that process's __main__.
+PacedSweepConfig.__annotations__.update(output_dir=str, seed=int, train=TrainConfig, tracking=TrackingConfig)
+
+
+class PacedValidation:
+    """``on_epoch_end``: reports the epoch's last training loss as ``val/loss`` and appends ``<pid> <epochs done>``
+    to ``log_path`` (which epochs each attempt of a trial trained)."""
+
+    def __init__(self, log_path: str) -> None:
+        self.log_path = log_path
+
+    def __call__(self, stage: str, epoch: int, model_state: Any, last: dict[str, Any]) -> dict[str, float]:
+        with open(self.log_path, "a") as log:
+            log.write(f"{os.getpid()} {epoch}\n")
+        return {"val/loss": float(last.get("loss/total", 0.0))}
+
+
+@dataclass(frozen=True)
+class PacedSweep:
+    """A sweep adapter (``robustfm.sweeps.recipes.SweepableRecipe``) training the paced regression task."""
+
+    config_class: type
+    default_config: Path
+    log_dir: str
+    metrics: Any = field(default_factory=lambda: {"val/loss": "min"})
+    diverged_values: Any = field(default_factory=lambda: {"val/loss": 1e30})
+
+    def default_stages(self, cfg: Any) -> tuple[str, ...]:
+        return tuple(cfg.train.stages)
+
+    def check(self, cfg: Any, stages: Any, init_weights: str | None) -> None:
+        pass
+
+    def prepare(self, cfg: Any) -> Any:
+        return cfg
+
+    def train_trial(self, cfg: Any, stages: Any, init_weights: Any, run_name: str, run_callbacks: Any) -> Any:
+        from robustfm.train import fit
+
+        source = SyntheticBatchSource(num_samples=96, global_batch_size=16, seed=7)  # 6 steps per epoch
+        log = f"{self.log_dir}/{run_name}"
+        result = fit(
+            cfg.train,
+            PacedTaskBuilder(f"{log}.nodes"),
+            source,
+            run_name=run_name,
+            on_epoch_end=PacedValidation(f"{log}.epochs"),
+            run_callbacks=run_callbacks,
+        )
+        return result.metrics
+
+
+def sweep_scenario(cluster: SimulatedCluster, out: Path, max_failures: int) -> dict[str, Any]:
+    import yaml
+    from ray import cloudpickle
+
+    from robustfm.recipes import RECIPES
+    from robustfm.sweeps.tune import plan_sweep, run_sweep
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # trials cannot import this script by name
+    config_path, space_path, logs = out / "paced.yaml", out / "space.yaml", out / "trials"
+    logs.mkdir(parents=True, exist_ok=True)
+    train = {
+        "launcher": "ray",
+        "num_workers": 1,
+        "resources_per_worker": {"CPU": 0.25, "train_slot": 1},  # one trial's worker per node: one slot each
+        "log_every_steps": 1,
+        "seed": 4,
+        "checkpoint_every_steps": 6,
+        "max_failures": 0,  # a lost node fails the trial's Train run: the trial restart is what is tested
+        "optimizer": {"name": "sgd", "momentum": 0.9},
+        "strategy": {"name": "ddp"},
+        "stages": STAGES,
+    }
+    config_path.write_text(
+        yaml.safe_dump({"output_dir": str(out), "train": train, "tracking": {"uri": f"sqlite:///{out}/mlflow.db"}})
+    )
+    space_path.write_text(
+        yaml.safe_dump(
+            {
+                "recipe": SWEEP_RECIPE,
+                "metric": "val/loss",
+                "mode": "min",
+                "num_samples": 1,
+                "max_concurrent": 2,
+                "searcher": {"type": "grid"},
+                "scheduler": {"type": "fifo"},
+                "space": {"train.stages.body.lr.body": "grid([0.02, 0.03])"},
+                "max_trial_failures": max_failures,
+            }
+        )
+    )
+    adapter = PacedSweep(PacedSweepConfig, config_path, str(logs))
+    RECIPES.register(SWEEP_RECIPE, lambda cfg: None, config=PacedSweepConfig, default_config=config_path, sweep=adapter)
+    plan = plan_sweep(SWEEP_RECIPE, space_path)
+
+    nodes = {name: cluster.add_node(name, 1, {"train_slot": 1}) for name in ("a", "b")}
+    cluster.connect()
+    sweep = InBackground(lambda: run_sweep(plan), "the sweep")
+
+    def trial_on_b() -> str | None:
+        for path in logs.glob("*.nodes"):
+            if nodes["b"] in path.read_text():
+                return path.name.removesuffix(".nodes")
+        return None
+
+    wait_for(lambda: trial_on_b() is not None, 240, "a trial training on node b")
+    lost = trial_on_b()
+    # A restarted trial's Train run resumes from what its controller registered (its snapshot file), not from any
+    # folder written: wait for the step-6 checkpoint to be registered.
+    snapshot = plan.experiment_dir / "train_runs" / lost / "checkpoint_manager_snapshot.json"
+    wait_for(
+        lambda: snapshot.is_file() and "checkpoint_step_000000006" in snapshot.read_text(),
+        180,
+        f"{lost}'s step-6 checkpoint registered",
+    )
+    cluster.remove_node("b")
+    record: dict[str, Any] = {"lost_trial": lost}
+    record["trial_had_finished"] = (plan.experiment_dir / "train_runs" / lost / "checkpoint_step_000000018").exists()
+    nodes["c"] = cluster.add_node("c", 1, {"train_slot": 1})
+    record["nodes"] = nodes
+    result, error = sweep.outcome(timeout_s=400)
+    if error:
+        return {**record, "error": error}
+    record["trials"] = [
+        {"status": trial["status"], "epochs": trial["epochs"], "val/loss": trial["val/loss"]} for trial in result.trials
+    ]
+    record["total_epochs"] = plan.total_epochs
+    record["attempts"] = {path.name.removesuffix(".epochs"): _attempts(path) for path in sorted(logs.glob("*.epochs"))}
+    record["trial_nodes"] = {path.name.removesuffix(".nodes"): _node_log(path) for path in sorted(logs.glob("*.nodes"))}
+    return record
+
+
+def _attempts(path: Path) -> list[list[int]]:
+    """The epochs each process (attempt) validated, in order of the attempts."""
+    by_pid: dict[str, list[int]] = {}
+    for line in path.read_text().splitlines():
+        pid, epoch = line.split()
+        by_pid.setdefault(pid, []).append(int(epoch))
+    return list(by_pid.values())
+
+
+SCENARIOS = {"train": train_scenario, "eval": eval_scenario, "sweep": sweep_scenario}
 
 
 def main(argv: list[str] | None = None) -> int:

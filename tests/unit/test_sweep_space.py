@@ -94,3 +94,10 @@ def test_to_tune_builds_ray_tune_domains():
 
     assert isinstance(Distribution("loguniform", (0.1, 10)).to_tune(), tune.search.sample.Float)
     assert Distribution("grid", ([1, 2],)).to_tune() == {"grid_search": [1, 2]}
+
+
+def test_trial_restarts_default_to_one_and_cannot_be_negative(tmp_path):
+    assert load_space(write_space(tmp_path)).max_trial_failures == 1
+    with pytest.raises(ConfigError, match="must be >= 0") as err:
+        load_space(write_space(tmp_path, max_trial_failures=-1))
+    assert err.value.field == "max_trial_failures"
