@@ -9,6 +9,7 @@ import socket
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from robustfm.config.schema import RayConfig
 
@@ -45,9 +46,7 @@ def init_ray(cfg: RayConfig, log_to_driver: bool = True, verbose: bool = False) 
             # polling for draining nodes) only costs CPU here. On a cluster it stays on.
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             dashboard_port = own_state_api_address(cfg.include_dashboard)
-            ray.init(
-                # "local": always a new embedded Ray; without it, ray.init joins a head that `ray start` left here.
-                address="local",
+            start_local_ray(
                 num_cpus=cfg.num_cpus,
                 include_dashboard=cfg.include_dashboard,
                 dashboard_host="127.0.0.1",
@@ -60,6 +59,33 @@ def init_ray(cfg: RayConfig, log_to_driver: bool = True, verbose: bool = False) 
         logger.info("joined Ray at %s", address)
     else:
         logger.info("started an embedded Ray with %s CPUs", cfg.num_cpus or os.cpu_count())
+
+
+NODE_START_ATTEMPTS = 3
+"""How many times :func:`start_local_ray` starts a local Ray whose node did not come up in time."""
+
+
+def start_local_ray(**init_kwargs: Any) -> None:
+    """``ray.init(address="local", **init_kwargs)``: always a new embedded Ray (without "local", ``ray.init`` joins a
+    head that ``ray start`` left here), tried up to :data:`NODE_START_ATTEMPTS` times.
+
+    Ray gives a new node a fixed 30 s to register with its GCS (``ray/_private/node.py``, not configurable); two cores
+    under a heavy load (a CI run with two end-to-end tests side by side) exceeded it. Another attempt starts a fresh
+    local Ray; any other error is raised at once.
+    """
+    import ray
+
+    for attempt in range(1, NODE_START_ATTEMPTS + 1):
+        try:
+            ray.init(address="local", **init_kwargs)
+            return
+        except Exception as err:
+            if "timed out during startup" not in str(err) or attempt == NODE_START_ATTEMPTS:
+                raise
+            logger.warning(
+                "the local Ray node did not start in time (attempt %d of %d): again", attempt, NODE_START_ATTEMPTS
+            )
+            ray.shutdown()
 
 
 def own_state_api_address(include_dashboard: bool) -> int | None:

@@ -139,12 +139,11 @@ def init_ray(profile: Profile, num_cpus: int | None = None) -> Any:
     import ray
     import ray.data
 
-    from robustfm.runtime import own_state_api_address
+    from robustfm.runtime import own_state_api_address, start_local_ray
 
     started = time.perf_counter()
     own_state_api_address(include_dashboard=False)  # Ray Train's cleaner must not ask another Ray on this host
-    ray.init(
-        address="local",
+    start_local_ray(
         num_cpus=num_cpus or (os.cpu_count() if profile.gpu else 2),
         num_gpus=1 if profile.gpu else 0,
         include_dashboard=False,

@@ -31,8 +31,6 @@ from typing import Any
 
 # Before Ray is imported: see robustfm.testing.cluster (loopback addresses stay loopback).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-# A raylet gets 10 s to register with the GCS by default; on 2 busy cores (a CI run) starting a node can take longer.
-os.environ.setdefault("RAY_raylet_start_wait_time_s", "60")
 
 import torch  # noqa: E402
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from robustfm.runtime import own_state_api_address
 
 
@@ -29,3 +31,46 @@ def test_without_a_dashboard_the_address_names_a_port_nothing_listens_on(monkeyp
     with socket.socket() as sock:
         sock.settimeout(2)
         assert sock.connect_ex((host, int(port))) != 0  # refused: the cleaner can never reach another cluster
+
+
+def test_a_local_node_that_starts_too_slowly_is_started_again(monkeypatch):
+    import ray
+
+    from robustfm.runtime import start_local_ray
+
+    calls, shutdowns = [], []
+
+    def slow_then_fine(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "init", slow_then_fine)
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(True))
+    start_local_ray(num_cpus=2)
+    assert calls == [{"address": "local", "num_cpus": 2}] * 2 and shutdowns == [True]
+
+
+def test_other_start_errors_and_the_last_timeout_are_raised(monkeypatch):
+    import ray
+
+    from robustfm.runtime import NODE_START_ATTEMPTS, start_local_ray
+
+    calls = []
+
+    def failing(message):
+        def init(**kwargs):
+            calls.append(kwargs)
+            raise Exception(message)
+
+        return init
+
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray, "init", failing("port 6379 in use"))
+    with pytest.raises(Exception, match="port 6379 in use"):
+        start_local_ray()
+    assert len(calls) == 1
+    monkeypatch.setattr(ray, "init", failing("The current node timed out during startup."))
+    with pytest.raises(Exception, match="timed out during startup"):
+        start_local_ray()
+    assert len(calls) == 1 + NODE_START_ATTEMPTS
