@@ -69,6 +69,19 @@ class TinyRegressionTask(nn.Module):
         return {"body": list(self.body.parameters()), "head": list(self.head.parameters())}
 
 
+TINY_TWO_STAGES: dict[str, Any] = {
+    "head": {"trainable": ["head"], "lr": {"head": 0.05}, "loss_weights": {"mse": 1.0}},
+    "body": {
+        "trainable": ["body", "head"],
+        "lr": {"body": 0.02, "head": 0.02},
+        "epochs": 2,
+        "loss_weights": {"mse": 1.0, "l1": 0.5},
+    },
+}
+"""``train.stages`` of a two-stage run of :class:`TinyRegressionTask` (the head alone for an epoch, then body and
+head for two), as the engine's resume and fault tests train it."""
+
+
 class TinyGradientPenaltyTask(TinyRegressionTask):
     """:class:`TinyRegressionTask` plus two losses that are differentiated through a gradient (double backward).
 

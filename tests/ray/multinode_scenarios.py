@@ -41,7 +41,7 @@ from robustfm.evals.metrics import MetricSpec, MetricTable  # noqa: E402
 from robustfm.evals.suite import Suite, SuiteOutput  # noqa: E402
 from robustfm.testing.cluster import SimulatedCluster, wait_for
 from robustfm.train import TrainConfig  # noqa: E402
-from robustfm.train.synthetic import SyntheticBatchSource, TinyRegressionTask  # noqa: E402
+from robustfm.train.synthetic import TINY_TWO_STAGES, SyntheticBatchSource, TinyRegressionTask  # noqa: E402
 
 STEP_PACE_S = 0.4  # each training step sleeps this long, so that the node is lost mid-stage, not after the run
 
@@ -99,18 +99,6 @@ class InBackground:
         return None, self.found.get("error", f"{self.what} did not end within {timeout_s:.0f} s")
 
 
-STAGES = {
-    "head": {"trainable": ["head"], "lr": {"head": 0.05}, "loss_weights": {"mse": 1.0}},
-    "body": {
-        "trainable": ["body", "head"],
-        "lr": {"body": 0.02, "head": 0.02},
-        "epochs": 2,
-        "loss_weights": {"mse": 1.0, "l1": 0.5},
-    },
-}
-"""The stages every scenario trains: the head alone for an epoch, then body and head for two."""
-
-
 def train_config(storage: Path, max_failures: int) -> Any:
     from robustfm.config import load_config
     from robustfm.train import TrainConfig
@@ -128,7 +116,7 @@ def train_config(storage: Path, max_failures: int) -> Any:
             "max_failures": max_failures,
             "optimizer": {"name": "sgd", "momentum": 0.9},
             "strategy": {"name": "ddp"},
-            "stages": STAGES,
+            "stages": TINY_TWO_STAGES,
         },
     )
 
@@ -371,7 +359,7 @@ def sweep_scenario(cluster: SimulatedCluster, out: Path, max_failures: int) -> d
         "max_failures": 0,  # a lost node fails the trial's Train run: the trial restart is what is tested
         "optimizer": {"name": "sgd", "momentum": 0.9},
         "strategy": {"name": "ddp"},
-        "stages": STAGES,
+        "stages": TINY_TWO_STAGES,
     }
     config_path.write_text(
         yaml.safe_dump({"output_dir": str(out), "train": train, "tracking": {"uri": f"sqlite:///{out}/mlflow.db"}})

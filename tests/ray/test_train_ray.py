@@ -16,7 +16,7 @@ import torch
 
 from robustfm.config import load_config
 from robustfm.train import TrainConfig, fit
-from robustfm.train.synthetic import SyntheticBatchSource, build_tiny_task
+from robustfm.train.synthetic import TINY_TWO_STAGES, SyntheticBatchSource, build_tiny_task
 
 pytestmark = pytest.mark.ray
 SOURCE = SyntheticBatchSource(num_samples=64, global_batch_size=16, seed=7)
@@ -35,15 +35,7 @@ def _config(storage: str, strategy: str = "ddp", launcher: str = "ray", **extra)
             "checkpoint_every_steps": 6,
             "optimizer": {"name": "sgd", "momentum": 0.9},
             "strategy": {"name": strategy, "zero_stage": 2},
-            "stages": {
-                "head": {"trainable": ["head"], "lr": {"head": 0.05}, "loss_weights": {"mse": 1.0}},
-                "body": {
-                    "trainable": ["body", "head"],
-                    "lr": {"body": 0.02, "head": 0.02},
-                    "epochs": 2,
-                    "loss_weights": {"mse": 1.0, "l1": 0.5},
-                },
-            },
+            "stages": TINY_TWO_STAGES,
             **extra,
         },
     )
