@@ -50,11 +50,13 @@ def overrides(profile: Profile, out: Path, shards: str) -> list[str]:
         "data.image_size": profile.image_size,
         "export.wise_ft_alphas": "[]",
         **{f"train.stages.{stage}.max_batches_per_epoch": steps for stage in CURRICULUM},
+        **{f"train.stages.{stage}.epochs": 1 for stage in CURRICULUM},  # the demo config trains Adapt for 12
     }
     if profile.gpu:
         values.update(
             {
                 "method.tap_blocks": "[4, 8, 12]",
+                "method.decoder_channels": "[384, 192, 96]",  # the paper's (the demo config scales it to tiny-vit)
                 "data.clean_per_batch": 24,
                 "data.gt_map.num_gpus": 0.25,
                 "data.gt_map.max_actors": 2,

@@ -27,6 +27,7 @@ def tiny_cgclip_overrides(out: Path, shards: str, **extra: str) -> list[str]:
         "data.shards": shards,
         "tracking.uri": f"sqlite:///{out}/mlflow.db",
         "train.storage_path": str(out / "runs"),
+        "train.stages.adapt.epochs": "1",  # the demo trains Adapt for 12
         "train.stages.adapt.max_batches_per_epoch": "2",
         "train.stages.isolate.max_batches_per_epoch": "2",
         "train.stages.tune.max_batches_per_epoch": "2",
