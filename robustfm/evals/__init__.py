@@ -1,4 +1,4 @@
-"""Evaluation suites run by Ray Data actor pools, with metrics that carry their direction and protocol.
+"""Evaluation suites scored by Ray actor pools, with metrics that carry their direction and protocol.
 
 Each suite is one module of ``robustfm/evals/suites/`` that registers itself in :data:`SUITES` with its config class
 (modules are imported on the first lookup; they import numpy, never torch or ray at import time) and declares its

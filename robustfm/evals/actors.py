@@ -1,7 +1,7 @@
-"""The base of every suite's scoring actor: a callable class that holds the model and scores one batch of rows.
+"""The base of every suite's scorer: a callable class that holds the model and scores one batch of rows.
 
-Ray Data runs it with ``map_batches(ActorClass, compute=ActorPoolStrategy(min_size, max_size))``: each actor builds
-the model once in ``__init__`` and then receives numpy batches of shard rows. The output schema of a suite is fixed
+The actors of the scoring pool (:mod:`robustfm.evals.pool`) build one scorer per suite, with the model built once
+per actor, and call it with numpy batches of shard rows. The output schema of a suite is fixed
 (:meth:`ScoringActor.output_fields`), and rows whose image cannot be decoded come back as placeholder rows with
 ``status`` set to the skip reason, so that the driver counts them exactly.
 
@@ -42,6 +42,8 @@ class ScoringActor(ABC):
             its own process (``os._exit``) on its first batch, so Ray must restart it and retry the batch.
         gradient_precision: for scorers that need gradients: ``fp32`` (default) or ``bf16`` autocast around
             :meth:`score` (the model's weights stay fp32).
+        model: the model ``model_ref`` names, already built on ``device`` (a pool actor shares one among the suites
+            that evaluate it, see :mod:`robustfm.evals.pool`); None: build it here (and set ``threads``).
     """
 
     needs_gradients: ClassVar[bool] = False
@@ -59,14 +61,17 @@ class ScoringActor(ABC):
         device: str = "cpu",
         crash_once_marker: str | None = None,
         gradient_precision: Literal["fp32", "bf16"] = "fp32",
+        model: Any = None,
     ) -> None:
         import torch
 
-        torch.set_num_threads(threads)
         self.device = torch.device(device)
-        # A randomly initialized model (no weights) must be the same network in every actor of the pool.
-        torch.manual_seed(seed)
-        self.model = model_ref.load().to(self.device).eval()
+        if model is None:
+            torch.set_num_threads(threads)
+            # A randomly initialized model (no weights) must be the same network in every actor of the pool.
+            torch.manual_seed(seed)
+            model = model_ref.load().to(self.device).eval()
+        self.model = model
         if self.needs_gradients:
             self.model.float()
             for parameter in self.model.parameters():

@@ -54,7 +54,8 @@ class EvalDataConfig:
 
 @dataclass(frozen=True)
 class ActorPoolConfig:
-    """The Ray Data actor pool that scores batches (``ActorPoolStrategy(min_size, max_size)``)."""
+    """The pool of Ray actors that score batches (:mod:`robustfm.evals.pool`); one pool serves every suite of a
+    milestone."""
 
     min_actors: int = 1
     """Actors kept alive; the pool grows towards ``max_actors`` while work is queued (and the cluster has room)."""
@@ -72,8 +73,8 @@ class ActorPoolConfig:
     batch_size: int = 16
     """Rows per scored batch."""
     wait_for_min_actors_s: int = 600
-    """Hold batches until ``min_actors`` actors have built their model (Ray Data's ``wait_for_min_actors_s``), so
-    work spreads over the whole minimum pool; fails after this many seconds. 0: start with the first ready actor."""
+    """Hold batches until ``min_actors`` actors have started, so that work spreads over the whole minimum pool; fails
+    after this many seconds, naming the resources an actor asks for. 0: start with the first ready actor."""
     gradient_precision: Literal["fp32", "bf16"] = "fp32"
     """Suites whose scorers differentiate through the model (attacks, relevance maps): ``fp32``, or ``bf16``
     autocast around scoring (faster on GPUs; the weights stay fp32). Embedding-only suites ignore it."""

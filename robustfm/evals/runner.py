@@ -1,14 +1,14 @@
-"""Running suites: Ray Data actor pool -> scored rows on the driver -> aggregation -> protocol, artifacts and MLflow.
+"""Running suites: data set -> scoring actor pool -> scored rows on the driver -> aggregation -> protocol, artifacts
+and MLflow.
 
 :func:`run_suite` runs one registered suite on one model; :func:`evaluate_model` runs several and returns their
 metrics as one flat dict — it is what a training recipe calls at the end of a stage. Both log one MLflow run per suite
 (nested under ``parent_run_id`` when given) holding the metrics, the protocol (as params and ``protocol.json``), the
 table (``table.csv`` / ``table.json``) and the plots (``plots/*.png``).
 
-Faults: Ray Data restarts a scoring actor that dies (its process exits, its node goes away) and resubmits the batches
-it held. Ray 2.60 enables this by default for actor pools (``max_restarts=-1``, ``max_task_retries=-1``; passing them
-through ``map_batches`` is deprecated), so the run completes with exact counts; ``tests/ray/test_evals_faults.py``
-kills an actor on its first batch to prove it.
+Faults: the pool restarts a scoring actor that dies (its process exits, its node goes away) and scores the blocks
+it held again (:mod:`robustfm.evals.pool`), so the run completes with exact counts; ``tests/ray/test_evals_suites.py``
+kills an actor on its first batch to prove it, ``tests/ray/test_multinode.py`` removes a node mid-suite.
 """
 
 from __future__ import annotations
@@ -86,47 +86,20 @@ def _suite(name: str, cfg: EvalConfig) -> Suite:
 def score_rows(
     suite: Suite, model_ref: ModelRef, cfg: EvalConfig, *, crash_once_marker: str | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Run the suite's actor pool over its data; return all output rows as columns (sorted) and the scorer params."""
-    from ray.data import ActorPoolStrategy, DataContext
-
+    """Score the suite's data on the actor pool (the session's, see :mod:`robustfm.evals.pool`); return all output
+    rows as columns (sorted) and the scorer params."""
     from robustfm.evals.data import load_eval_dataset
+    from robustfm.evals.pool import new_spec, pool_for
 
     pool = cfg.pool
-    context = DataContext.get_current()
-    previous_wait = context.wait_for_min_actors_s
-    # Datasets capture the current context when they are created: set the wait before, restore it after.
-    context.wait_for_min_actors_s = pool.wait_for_min_actors_s or -1
-    try:
-        # A few blocks per actor, so that the whole pool works even when the data is one shard file.
-        reader = f"suite {suite.name!r}"
-        rows = load_eval_dataset(suite.data, cfg.seed, suite.columns, reader, 4 * pool.max_actors, pool.batch_size)
-        dataset = suite.shape_dataset(rows)
-        params = suite.scorer_params(dataset)
-        scored = dataset.map_batches(
-            suite.scorer,
-            fn_constructor_kwargs={
-                "model_ref": model_ref,
-                "params": params,
-                "seed": cfg.seed,
-                "threads": pool.threads,
-                "device": "cuda" if pool.num_gpus > 0 else "cpu",
-                "crash_once_marker": crash_once_marker,
-                "gradient_precision": pool.gradient_precision,
-            },
-            batch_size=pool.batch_size,
-            batch_format="numpy",
-            # At most 2 blocks queued per actor (Ray's default is 4): one scoring, one waiting, so that an actor
-            # that started late is not left idle while another holds a backlog.
-            compute=ActorPoolStrategy(
-                min_size=pool.min_actors, max_size=pool.max_actors, max_tasks_in_flight_per_actor=2
-            ),
-            num_cpus=pool.num_cpus,
-            num_gpus=pool.num_gpus or None,
-            resources=dict(pool.resources) or None,
-        )
-        batches = list(scored.iter_batches(batch_size=None, batch_format="numpy"))
-    finally:
-        context.wait_for_min_actors_s = previous_wait
+    # A few blocks per actor, so that the whole pool works even when the data is one shard file.
+    reader = f"suite {suite.name!r}"
+    rows = load_eval_dataset(suite.data, cfg.seed, suite.columns, reader, 4 * pool.max_actors, pool.batch_size)
+    dataset = suite.shape_dataset(rows)
+    params = suite.scorer_params(dataset)
+    spec = new_spec(suite.scorer, model_ref, params, cfg.seed, crash_once_marker, pool.gradient_precision)
+    with pool_for(pool) as actors:
+        batches = actors.score(dataset, spec)
     batches = [batch for batch in batches if len(batch["id"])]
     if not batches:
         raise RuntimeError(f"suite {suite.name!r}: the data set {suite.data} has no rows")
@@ -241,6 +214,7 @@ def run_suites(
         stage: the stage just finished (names the runs ``eval/<stage>/<suite>``).
     """
     from robustfm.evals import SUITES
+    from robustfm.evals.pool import scoring_session
 
     if isinstance(model_or_ref, ModelRef):
         model_ref = model_or_ref
@@ -249,7 +223,8 @@ def run_suites(
     else:
         model_ref = ModelRef.from_module(model_or_ref)
     names = runnable_suites(cfg) if list(suites) == ["all"] else [SUITES.check(s) for s in suites]
-    return [run_suite(name, model_ref, cfg, tracker, parent_run_id, stage=stage) for name in names]
+    with scoring_session():  # the suites share the pool's actors
+        return [run_suite(name, model_ref, cfg, tracker, parent_run_id, stage=stage) for name in names]
 
 
 def runnable_suites(cfg: EvalConfig) -> list[str]:

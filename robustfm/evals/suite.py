@@ -2,7 +2,7 @@
 
 A suite subclass is registered in ``robustfm.evals.SUITES`` together with its config class (``@SUITES.register(name,
 config=...)`` in its own module under ``robustfm/evals/suites/``); :func:`robustfm.evals.runner.run_suite` runs any
-of them the same way: data (shaped by :meth:`Suite.shape_dataset`) -> Ray Data actor pool -> rows on the driver ->
+of them the same way: data (shaped by :meth:`Suite.shape_dataset`) -> scoring actor pool -> rows on the driver ->
 :meth:`Suite.aggregate` -> protocol, artifacts, MLflow.
 """
 

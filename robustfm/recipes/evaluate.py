@@ -44,6 +44,7 @@ def evaluate(
             or suite name, or a suite section whose files are missing (``Suite.settings_problems``).
     """
     from robustfm.evals import SUITES
+    from robustfm.evals.pool import scoring_session
     from robustfm.evals.report import write_report_card
     from robustfm.tracking import create_tracker
 
@@ -59,8 +60,9 @@ def evaluate(
         title = f"evaluate {model_a.label}" + (f" vs {model_b.label}" if model_b else "")
         with tracker.start_run(title, tags={"job": "evaluate", "suites": ",".join(names)}) as parent:
             parent.log_params(to_dict(cfg))
-            results = run_suites(model_a, names, cfg.eval, tracker, parent.run_id)
-            compared = run_suites(model_b, names, cfg.eval, tracker, parent.run_id) if model_b else []
+            with scoring_session():  # both models are scored by the same actors
+                results = run_suites(model_a, names, cfg.eval, tracker, parent.run_id)
+                compared = run_suites(model_b, names, cfg.eval, tracker, parent.run_id) if model_b else []
             report_dir = Path(cfg.eval.output_dir) / "report" / safe_name(title)
             report = write_report_card(results, report_dir, compare_with=compared or None)
             parent.log_artifact(str(report), "report")

@@ -230,7 +230,10 @@ def milestone(run: RecipeRun, name: str, evaluate: Evaluation) -> dict[str, floa
         if run.cfg.eval.enabled:
             tags = {"milestone": name}
             tracked = run.tracker.start_run(f"milestone-{name}", parent_run_id=run.parent.run_id, tags=tags)
-            result = evaluate(run.tracker, tracked.run_id)
+            from robustfm.evals.pool import scoring_session
+
+            with scoring_session():  # one actor pool for all the milestone's suites, stopped before training resumes
+                result = evaluate(run.tracker, tracked.run_id)
             tracked.log_metrics(result.metrics)
             for path, folder in result.artifacts:
                 tracked.log_artifact(path, folder)
@@ -343,26 +346,30 @@ def export_with_wise_ft(
     if not cfg.eval.enabled:
         return ExportResult(path, mixes)
     from robustfm.evals import evaluate_model
+    from robustfm.evals.pool import scoring_session
     from robustfm.recipes.milestones import markdown_table, tradeoff_plot
 
     base_top1 = run.milestones.get("pretrained", {}).get(retention)
     kept = "zero_shot_top1" if retention == ZERO_SHOT_TOP1 else retention.replace("/", "_")
     kept_share = "zero_shot_retention" if retention == ZERO_SHOT_TOP1 else f"{kept}_retention"
     rows = []
-    for alpha, mix in mixes.items():
-        tracked = run.tracker.start_run(f"wise-ft-{alpha:g}", parent_run_id=run.parent.run_id, tags={"alpha": alpha})
-        metrics = evaluate_model(f"{cfg.model.name}@{mix}", list(suites), eval_settings, run.tracker, tracked.run_id)
-        tracked.log_metrics(metrics)
-        tracked.end()
-        top1 = metrics.get(retention, float("nan"))
-        rows.append(
-            {
-                "alpha": alpha,
-                headline: metrics.get(headline, float("nan")),
-                kept: top1,
-                kept_share: top1 / base_top1 if base_top1 else float("nan"),
-            }
-        )
+    with scoring_session():  # the mixes are scored by the same actors
+        for alpha, mix in mixes.items():
+            tags = {"alpha": alpha}
+            tracked = run.tracker.start_run(f"wise-ft-{alpha:g}", parent_run_id=run.parent.run_id, tags=tags)
+            mix_ref = f"{cfg.model.name}@{mix}"
+            metrics = evaluate_model(mix_ref, list(suites), eval_settings, run.tracker, tracked.run_id)
+            tracked.log_metrics(metrics)
+            tracked.end()
+            top1 = metrics.get(retention, float("nan"))
+            rows.append(
+                {
+                    "alpha": alpha,
+                    headline: metrics.get(headline, float("nan")),
+                    kept: top1,
+                    kept_share: top1 / base_top1 if base_top1 else float("nan"),
+                }
+            )
     title = f"WiSE-FT: {headline} vs retention of {retention}"
     png = tradeoff_plot(rows, kept_share, headline, run.out / "wise_ft_tradeoff.png", title)
     run.parent.log_artifact(png, "wise_ft")

@@ -1,0 +1,68 @@
+"""The scoring pool outlives one suite inside a session: the same actor process scores every suite of it (no new
+process importing torch per suite), rebuilds its scorer when the model changes, and is gone when the session ends."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.ray]
+
+
+def _cfg(tmp_path, seed: int = 0):
+    from robustfm.evals.config import ActorPoolConfig, EvalConfig, EvalDataConfig, SuiteSettings
+    from robustfm.evals.suites.corruption_detection import CorruptionDetectionConfig
+    from robustfm.evals.suites.zero_shot import ZeroShotConfig
+
+    data = EvalDataConfig(synthetic_samples=6, synthetic_image_size=32)
+    return EvalConfig(
+        output_dir=str(tmp_path / "out"),
+        seed=seed,
+        pool=ActorPoolConfig(min_actors=1, max_actors=1, num_cpus=0.5, batch_size=3),
+        suites=SuiteSettings.build(
+            {
+                "corruption_detection": CorruptionDetectionConfig(data=data, corruptions=("gaussian_noise",)),
+                "zero_shot": ZeroShotConfig(data=data, corruptions=("gaussian_noise",), perturbations=()),
+            }
+        ),
+    )
+
+
+def _pids(result) -> set[int]:
+    return set(np.asarray(result.rows["actor_pid"]).tolist())
+
+
+def _gone(pid: int, within_s: float = 60.0) -> bool:
+    import psutil
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@pytest.mark.timeout(600)
+def test_one_actor_scores_every_suite_of_a_session_and_stops_with_it(ray_session, tmp_path):
+    from robustfm.evals.pool import scoring_session
+    from robustfm.evals.runner import run_suite
+
+    cfg, other_seed = _cfg(tmp_path), _cfg(tmp_path / "seed1", seed=1)
+    with scoring_session():
+        detection = run_suite("corruption_detection", "open_clip/tiny-vit", cfg, keep_rows=True)
+        zero_shot = run_suite("zero_shot", "open_clip/tiny-vit", cfg, keep_rows=True)
+        # Another seed is another random-init model: the actor must build it, not score with the one it holds.
+        reseeded = run_suite("zero_shot", "open_clip/tiny-vit", other_seed, keep_rows=True)
+    assert len(_pids(detection)) == 1
+    assert _pids(detection) == _pids(zero_shot) == _pids(reseeded)
+    (pid,) = _pids(detection)
+    assert _gone(pid), "the session's actor outlived the session"
+
+    # Outside a session each suite gets (and stops) an actor of its own; the numbers are the same either way.
+    alone = run_suite("zero_shot", "open_clip/tiny-vit", other_seed, keep_rows=True)
+    assert _pids(alone) != _pids(reseeded)
+    assert alone.metrics == reseeded.metrics
+    assert zero_shot.metrics != reseeded.metrics  # the seed made another model, so the shared actor did rebuild it
