@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: env
 	$(PY) jobs/cgclip.py --config configs/cgclip/demo.yaml
 
-# Two workers: most of the suite waits on Ray start-up and subprocess jobs, so two share the two cores of CI well.
+# Two workers, one per core of CI: the suite is CPU-bound (end-to-end jobs, each with its own Ray processes).
 # Work-stealing balances the long end-to-end tests; each worker starts its own session Ray (tests/conftest.py).
 test: env
 	$(PY) -m pytest tests -n 2 --dist worksteal --durations=25

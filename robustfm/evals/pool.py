@@ -7,11 +7,13 @@ every suite with the same pool settings is scored by the same actors, each of wh
 first block of that suite and keeps the model while the next suite evaluates the same one. Outside a session a
 suite gets a pool of its own, stopped when it ends.
 
-How work flows: the driver streams the suite's Ray Data set as block references (the rows stay in the object store,
-where the reading tasks put them), hands each block to an actor with a free slot (``slots_per_actor`` in flight per
-actor, so that an actor that started late is not left idle while another holds a backlog), and collects the scored
-columns. The pool starts ``min_actors`` actors, waits up to ``wait_for_min_actors_s`` for them, and adds actors up to
-``max_actors`` while every ready actor is busy and blocks are waiting.
+How work flows: the suite's Ray Data set is read to the end first, as block references (the rows stay in the object
+store, where the reading tasks put them; reading before scoring means actors holding the cluster's CPUs can never
+starve the reads, and a session's idle actors are stopped before a suite reads if they leave no CPU for it). Then the
+driver hands each block to an actor with a free slot (``SLOTS_PER_ACTOR`` in flight per actor, so that an actor that
+started late is not left idle while another holds a backlog) and collects the scored columns. The pool starts
+``min_actors`` actors, waits up to ``wait_for_min_actors_s`` for them, and adds actors up to ``max_actors`` while
+blocks are waiting.
 
 Faults: actors are created with unlimited restarts and their calls retried (``max_task_retries``): an actor whose
 process dies, or whose node goes away, is restarted (on another node if need be) and the blocks it held are scored
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -109,7 +112,7 @@ class ScoringHost:
 
 
 class ScoringPool:
-    """Actors of one pool configuration; :meth:`score` runs one suite's data set on them."""
+    """Actors of one pool configuration; :meth:`score` runs one suite's blocks on them (starting them if need be)."""
 
     def __init__(self, config: ActorPoolConfig) -> None:
         import ray
@@ -126,9 +129,6 @@ class ScoringPool:
         self._actors: list[Any] = []
         self._ready: list[Any] = []
         self._starting: dict[Any, Any] = {}  # ready() ref -> actor
-        for _ in range(config.min_actors):
-            self._add_actor()
-        self._wait_for_min_actors()
 
     def _add_actor(self) -> None:
         device = "cuda" if self.config.num_gpus > 0 else "cpu"
@@ -148,11 +148,14 @@ class ScoringPool:
             ray.get(ref)  # an actor whose constructor failed raises here, with its error
             self._ready.append(self._starting.pop(ref))
 
-    def _wait_for_min_actors(self) -> None:
+    def _start(self) -> None:
+        """``min_actors`` actors, waited for up to ``wait_for_min_actors_s`` (0: not waited for)."""
         import ray
 
+        while len(self._actors) < self.config.min_actors:
+            self._add_actor()
         wait_s = self.config.wait_for_min_actors_s
-        if wait_s <= 0:
+        if wait_s <= 0 or not self._starting:
             return
         done, pending = ray.wait(list(self._starting), num_returns=len(self._starting), timeout=wait_s)
         for ref in done:
@@ -167,46 +170,38 @@ class ScoringPool:
                 f"resources={dict(self.config.resources)})"
             )
 
-    def score(self, dataset: Any, spec: ScorerSpec) -> list[dict[str, Any]]:
-        """Score every block of ``dataset``; the output columns of each block (in completion order)."""
+    def score(self, blocks: list[tuple[Any, int, int]], spec: ScorerSpec) -> list[dict[str, Any]]:
+        """Score ``blocks`` (``(block ref, start, end)``, see :func:`read_blocks`); the output columns of each."""
         import ray
 
+        self._start()
         spec_ref = ray.put(spec)
-        blocks = _block_slices(dataset)
+        waiting = list(reversed(blocks))
         in_flight: dict[Any, Any] = {}  # result ref -> actor
-        load = {actor: 0 for actor in self._actors}
+        load: dict[Any, int] = {}
         results: list[dict[str, Any]] = []
-        exhausted = False
-        while not exhausted or in_flight:
+        while waiting or in_flight:
             self._collect_started(block=not (in_flight or self._ready))
-            free = [actor for actor in self._ready if load.setdefault(actor, 0) < SLOTS_PER_ACTOR]
-            while free and not exhausted:
-                item = next(blocks, None)
-                if item is None:
-                    exhausted = True
-                    break
-                actor = min(free, key=load.__getitem__)
-                ref = actor.score_block.remote(spec_ref, *item, self.config.batch_size)
-                in_flight[ref] = actor
-                load[actor] += 1
-                free = [a for a in free if load[a] < SLOTS_PER_ACTOR]
-            if not exhausted and not free and not self._starting and len(self._actors) < self.config.max_actors:
+            for actor in sorted(self._ready, key=lambda a: load.get(a, 0)):
+                while waiting and load.get(actor, 0) < SLOTS_PER_ACTOR:
+                    ref = actor.score_block.remote(spec_ref, *waiting.pop(), self.config.batch_size)
+                    in_flight[ref] = actor
+                    load[actor] = load.get(actor, 0) + 1
+            if waiting and not self._starting and len(self._actors) < self.config.max_actors:
                 self._add_actor()  # every ready actor is busy and blocks are waiting: grow the pool
             if not in_flight:
                 continue
-            waiting = list(in_flight) + list(self._starting)
-            done, _ = ray.wait(waiting, num_returns=1, timeout=None)
+            done, _ = ray.wait([*in_flight, *self._starting], num_returns=1)
             for ref in done:
                 if ref in in_flight:
-                    actor = in_flight.pop(ref)
-                    load[actor] -= 1
+                    load[in_flight.pop(ref)] -= 1
                     out = ray.get(ref)
                     if out:
                         results.append(out)
         return results
 
-    def actor_count(self) -> int:
-        return len(self._actors)
+    def holds_actors(self) -> bool:
+        return bool(self._actors)
 
     def shutdown(self) -> None:
         import ray
@@ -216,8 +211,13 @@ class ScoringPool:
         self._actors, self._ready, self._starting = [], [], {}
 
 
-def _block_slices(dataset: Any) -> Iterator[tuple[Any, int, int]]:
-    """``(block ref, start, end)`` of every non-empty block slice of the data set, streamed as it executes."""
+def read_blocks(dataset: Any) -> list[tuple[Any, int, int]]:
+    """Run the data set's reading and shaping to the end: ``(block ref, start, end)`` of every non-empty block slice.
+
+    The rows stay in the object store (the driver holds references only). Reading ends before scoring starts, so
+    that actors which take the cluster's last CPUs can never starve the reads they wait for.
+    """
+    blocks = []
     for bundle in dataset.iter_internal_ref_bundles():
         for entry, block_slice in zip(bundle.blocks, bundle.slices, strict=True):
             if block_slice is not None:
@@ -227,12 +227,16 @@ def _block_slices(dataset: Any) -> Iterator[tuple[Any, int, int]]:
             if end is None:
                 raise RuntimeError("a block of the evaluation data set has no row count in its metadata")
             if end > start:
-                yield entry.ref, start, end
+                blocks.append((entry.ref, start, end))
+    return blocks
 
 
 # --- sessions: one pool per configuration, shared by every suite run inside ------------------------------------------
 
 _SESSION: contextvars.ContextVar[dict[str, ScoringPool] | None] = contextvars.ContextVar("scoring_session")
+READ_CPUS = 1.0
+"""What a Ray Data read task asks for: the CPUs a session's idle actors must leave free before a suite reads."""
+RELEASE_WAIT_S = 30.0
 
 
 def _pool_key(config: ActorPoolConfig) -> str:
@@ -257,6 +261,21 @@ def scoring_session() -> Iterator[None]:
         _SESSION.reset(token)
         for pool in pools.values():
             pool.shutdown()
+
+
+def make_room_for_reading() -> None:
+    """Stop the session's idle actors when they leave the cluster less than a read task's CPU (a pool as large as
+    the cluster): the next suite's reads would otherwise wait for them forever. The pool restarts when it scores."""
+    import ray
+
+    pools = [pool for pool in (_SESSION.get(None) or {}).values() if pool.holds_actors()]
+    if not pools or ray.available_resources().get("CPU", 0.0) >= READ_CPUS:
+        return
+    for pool in pools:
+        pool.shutdown()
+    deadline = time.monotonic() + RELEASE_WAIT_S  # Ray frees a killed actor's CPUs asynchronously
+    while ray.available_resources().get("CPU", 0.0) < READ_CPUS and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 @contextlib.contextmanager

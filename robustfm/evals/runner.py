@@ -89,17 +89,19 @@ def score_rows(
     """Score the suite's data on the actor pool (the session's, see :mod:`robustfm.evals.pool`); return all output
     rows as columns (sorted) and the scorer params."""
     from robustfm.evals.data import load_eval_dataset
-    from robustfm.evals.pool import new_spec, pool_for
+    from robustfm.evals.pool import make_room_for_reading, new_spec, pool_for, read_blocks
 
     pool = cfg.pool
+    make_room_for_reading()  # reading the shards (their footers too) needs a CPU that a session's actors may hold
     # A few blocks per actor, so that the whole pool works even when the data is one shard file.
     reader = f"suite {suite.name!r}"
     rows = load_eval_dataset(suite.data, cfg.seed, suite.columns, reader, 4 * pool.max_actors, pool.batch_size)
     dataset = suite.shape_dataset(rows)
     params = suite.scorer_params(dataset)
+    blocks = read_blocks(dataset)
     spec = new_spec(suite.scorer, model_ref, params, cfg.seed, crash_once_marker, pool.gradient_precision)
     with pool_for(pool) as actors:
-        batches = actors.score(dataset, spec)
+        batches = actors.score(blocks, spec)
     batches = [batch for batch in batches if len(batch["id"])]
     if not batches:
         raise RuntimeError(f"suite {suite.name!r}: the data set {suite.data} has no rows")

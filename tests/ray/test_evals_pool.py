@@ -11,16 +11,19 @@ import pytest
 pytestmark = [pytest.mark.ray]
 
 
-def _cfg(tmp_path, seed: int = 0):
+def _cfg(tmp_path, seed: int = 0, shards: str | None = None, pool=None):
     from robustfm.evals.config import ActorPoolConfig, EvalConfig, EvalDataConfig, SuiteSettings
     from robustfm.evals.suites.corruption_detection import CorruptionDetectionConfig
     from robustfm.evals.suites.zero_shot import ZeroShotConfig
 
-    data = EvalDataConfig(synthetic_samples=6, synthetic_image_size=32)
+    if shards is None:
+        data = EvalDataConfig(synthetic_samples=6, synthetic_image_size=32)
+    else:
+        data = EvalDataConfig(shards=shards, split="val", max_samples=4)
     return EvalConfig(
         output_dir=str(tmp_path / "out"),
         seed=seed,
-        pool=ActorPoolConfig(min_actors=1, max_actors=1, num_cpus=0.5, batch_size=3),
+        pool=pool or ActorPoolConfig(min_actors=1, max_actors=1, num_cpus=0.5, batch_size=3),
         suites=SuiteSettings.build(
             {
                 "corruption_detection": CorruptionDetectionConfig(data=data, corruptions=("gaussian_noise",)),
@@ -66,3 +69,23 @@ def test_one_actor_scores_every_suite_of_a_session_and_stops_with_it(ray_session
     assert _pids(alone) != _pids(reseeded)
     assert alone.metrics == reseeded.metrics
     assert zero_shot.metrics != reseeded.metrics  # the seed made another model, so the shared actor did rebuild it
+
+
+@pytest.mark.timeout(400)
+def test_a_pool_as_large_as_the_cluster_leaves_the_next_suite_room_to_read_its_shards(ray_session, tmp_path):
+    """Two actors of 1 CPU on the 2-CPU test Ray: while they stay, no task can read the next suite's shards. The
+    session stops them before that suite reads (and restarts them to score it) instead of waiting forever."""
+    from robustfm.evals.config import ActorPoolConfig
+    from robustfm.evals.pool import scoring_session
+    from robustfm.evals.runner import run_suite
+    from robustfm.testing.datasets import write_demo_shards
+
+    shards = write_demo_shards(tmp_path / "demo", image_size=32, n_images=8, n_val=4, shard_size=2)
+    pool = ActorPoolConfig(min_actors=2, max_actors=2, num_cpus=1, batch_size=2, wait_for_min_actors_s=120)
+    cfg = _cfg(tmp_path, shards=str(shards), pool=pool)
+    with scoring_session():
+        first = run_suite("corruption_detection", "open_clip/tiny-vit", cfg, keep_rows=True)
+        second = run_suite("zero_shot", "open_clip/tiny-vit", cfg, keep_rows=True)
+    assert first.counts["scored"] == second.counts["scored"] == 4
+    assert len(_pids(first)) == len(_pids(second)) == 2
+    assert not _pids(first) & _pids(second)  # the first suite's actors were stopped to let the second read
