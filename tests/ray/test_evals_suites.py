@@ -1,4 +1,4 @@
-"""Every suite through Ray Data with a pool of 2 single-threaded actors, on a tiny CLIP and generated data.
+"""Every suite through the scoring pool with 2 single-threaded actors, on a tiny CLIP and generated data.
 
 The suites run once per module (logged to a SQLite MLflow store in tmp); each test then checks one suite's numbers
 against an independent computation on the driver (sklearn on the same scores, brute-force enclosing balls and
