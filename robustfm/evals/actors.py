@@ -29,6 +29,15 @@ STATUS_OK = "ok"
 FieldSpec = tuple[Any, tuple[int, ...]]
 
 
+def build_scoring_model(model_ref: ModelRef, seed: int, device: str) -> Any:
+    """The model ``model_ref`` names on ``device``, in eval mode; seeded first, because a randomly initialized model
+    (no weights) must be the same network in every actor of a pool."""
+    import torch
+
+    torch.manual_seed(seed)
+    return model_ref.load().to(torch.device(device)).eval()
+
+
 class ScoringActor(ABC):
     """Loads the model once, then turns batches of shard rows into scored rows.
 
@@ -68,9 +77,7 @@ class ScoringActor(ABC):
         self.device = torch.device(device)
         if model is None:
             torch.set_num_threads(threads)
-            # A randomly initialized model (no weights) must be the same network in every actor of the pool.
-            torch.manual_seed(seed)
-            model = model_ref.load().to(self.device).eval()
+            model = build_scoring_model(model_ref, seed, device)
         self.model = model
         if self.needs_gradients:
             self.model.float()

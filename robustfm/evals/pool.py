@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from robustfm.config.core import to_dict
+from robustfm.evals.actors import build_scoring_model
 from robustfm.evals.config import ActorPoolConfig
 from robustfm.evals.model_ref import ModelRef
 
@@ -91,13 +92,9 @@ class ScoringHost:
         if spec.key in self._scorers:
             return self._scorers[spec.key]
         if spec.model_key() != self._model_key:
-            import torch
-
             self._scorers.clear()  # scorers of the previous model go with it: one model in memory per actor
             self._model = None
-            # A randomly initialized model (no weights) must be the same network in every actor of the pool.
-            torch.manual_seed(spec.seed)
-            self._model = spec.model_ref.load().to(self.device).eval()
+            self._model = build_scoring_model(spec.model_ref, spec.seed, self.device)
             self._model_key = spec.model_key()
         self._scorers[spec.key] = spec.scorer(
             spec.model_ref,
@@ -136,35 +133,37 @@ class ScoringPool:
         self._actors.append(actor)
         self._starting[actor.ready.remote()] = actor
 
-    def _collect_started(self, block: bool) -> None:
-        """Move started actors to the ready list; with ``block``, wait for at least one."""
+    def _wait_started(self, num_returns: int, timeout: float | None) -> None:
+        """Wait (up to ``timeout``) for ``num_returns`` starting actors; move those started to the ready list."""
         import ray
 
-        if not self._starting:
-            return
-        refs = list(self._starting)
-        done, _ = ray.wait(refs, num_returns=1 if block else len(refs), timeout=None if block else 0)
+        done, _ = ray.wait(list(self._starting), num_returns=num_returns, timeout=timeout)
         for ref in done:
             ray.get(ref)  # an actor whose constructor failed raises here, with its error
             self._ready.append(self._starting.pop(ref))
 
+    def _collect_started(self, block: bool) -> None:
+        """Move started actors to the ready list; with ``block``, wait for at least one."""
+        if not self._starting:
+            return
+        if block:
+            self._wait_started(1, None)
+        else:
+            self._wait_started(len(self._starting), 0)
+
     def _start(self) -> None:
         """``min_actors`` actors, waited for up to ``wait_for_min_actors_s`` (0: not waited for)."""
-        import ray
-
         while len(self._actors) < self.config.min_actors:
             self._add_actor()
         wait_s = self.config.wait_for_min_actors_s
         if wait_s <= 0 or not self._starting:
             return
-        done, pending = ray.wait(list(self._starting), num_returns=len(self._starting), timeout=wait_s)
-        for ref in done:
-            ray.get(ref)
-            self._ready.append(self._starting.pop(ref))
-        if pending:
+        self._wait_started(len(self._starting), wait_s)
+        if self._starting:
+            started = len(self._actors) - len(self._starting)
             self.shutdown()
             raise TimeoutError(
-                f"only {len(done)} of eval.pool.min_actors={self.config.min_actors} scoring actors started within "
+                f"only {started} of eval.pool.min_actors={self.config.min_actors} scoring actors started within "
                 f"eval.pool.wait_for_min_actors_s={wait_s}: the cluster lacks the resources one actor asks for "
                 f"(num_cpus={self.config.num_cpus}, num_gpus={self.config.num_gpus}, "
                 f"resources={dict(self.config.resources)})"
