@@ -3,6 +3,7 @@ process importing torch per suite), rebuilds its scorer when the model changes, 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -89,3 +90,15 @@ def test_a_pool_as_large_as_the_cluster_leaves_the_next_suite_room_to_read_its_s
     assert first.counts["scored"] == second.counts["scored"] == 4
     assert len(_pids(first)) == len(_pids(second)) == 2
     assert not _pids(first) & _pids(second)  # the first suite's actors were stopped to let the second read
+
+
+@pytest.mark.timeout(120)
+def test_a_pool_the_cluster_cannot_place_fails_naming_what_its_actors_ask_for(ray_session):
+    from robustfm.evals.config import ActorPoolConfig
+    from robustfm.evals.pool import ScoringPool
+
+    config = ActorPoolConfig(min_actors=1, max_actors=1, num_cpus=0.5, resources={"score_slot": 1})
+    pool = ScoringPool(dataclasses.replace(config, wait_for_min_actors_s=3))
+    with pytest.raises(TimeoutError, match=r"min_actors=1 .* within eval.pool.wait_for_min_actors_s=3: .*score_slot"):
+        pool.score([], None)
+    assert not pool.holds_actors()  # the pending actor was stopped, not left waiting for a node
