@@ -213,40 +213,43 @@ Evaluation = Callable[[Any, str], MilestoneResult]
 
 
 def milestone(run: RecipeRun, name: str, evaluate: Evaluation) -> dict[str, float]:
-    """Evaluate milestone ``name`` with ``evaluate`` once; cached in ``milestones/<name>.json``.
+    """Evaluate milestone ``name`` with ``evaluate`` once; cached in ``milestones/<name>.json`` for reruns with the
+    same evaluation settings (:mod:`robustfm.recipes.milestone_cache`).
 
     With ``eval.enabled`` false nothing is evaluated (an empty result, cached); a milestone that ``eval.milestones``
     leaves out is left out of ``run.milestones`` (and its tables), not cached. The parent run gets every milestone's
     metrics (prefixed ``<name>/``) and artifacts, also those an earlier run with a shared curriculum prefix computed.
     """
-    cached = run.out / "milestones" / f"{name}.json"
-    if cached.is_file():
-        record = json.loads(cached.read_text())
-    elif run.cfg.eval.enabled and not run.cfg.evaluates(name):
-        logger.info("milestone %s: not evaluated (eval.milestones: %s)", name, ", ".join(run.cfg.eval.milestones))
-        return {}
-    else:
-        record = {"metrics": {}, "artifacts": []}
-        if run.cfg.eval.enabled:
-            tags = {"milestone": name}
-            tracked = run.tracker.start_run(f"milestone-{name}", parent_run_id=run.parent.run_id, tags=tags)
-            from robustfm.evals.pool import scoring_session
+    from robustfm.recipes.milestone_cache import evaluation_fingerprint, read_cached, write_cached
 
-            with scoring_session():  # one actor pool for all the milestone's suites, stopped before training resumes
-                result = evaluate(run.tracker, tracked.run_id)
-            tracked.log_metrics(result.metrics)
-            for path, folder in result.artifacts:
-                tracked.log_artifact(path, folder)
-            tracked.end()
-            record = {"metrics": result.metrics, "artifacts": [list(a) for a in result.artifacts]}
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps(record, indent=2))
+    cached, fingerprint = run.out / "milestones" / f"{name}.json", evaluation_fingerprint(run.cfg)
+    record = read_cached(cached, fingerprint)
+    if record is None:
+        if run.cfg.eval.enabled and not run.cfg.evaluates(name):
+            logger.info("milestone %s: not evaluated (eval.milestones: %s)", name, ", ".join(run.cfg.eval.milestones))
+            return {}
+        record = _measure(run, name, evaluate) if run.cfg.eval.enabled else {"metrics": {}, "artifacts": []}
+        write_cached(cached, record, fingerprint)
     run.parent.log_metrics({f"{name}/{key}": value for key, value in record["metrics"].items()})
     for path, folder in record["artifacts"]:
         if Path(path).is_file():
             run.parent.log_artifact(path, folder)
     run.milestones[name] = dict(record["metrics"])
     return run.milestones[name]
+
+
+def _measure(run: RecipeRun, name: str, evaluate: Evaluation) -> dict[str, Any]:
+    """Run the milestone's evaluation under a nested MLflow run; its record (metrics, artifacts) for the cache."""
+    from robustfm.evals.pool import scoring_session
+
+    tracked = run.tracker.start_run(f"milestone-{name}", parent_run_id=run.parent.run_id, tags={"milestone": name})
+    with scoring_session():  # one actor pool for all the milestone's suites, stopped before training resumes
+        result = evaluate(run.tracker, tracked.run_id)
+    tracked.log_metrics(result.metrics)
+    for path, folder in result.artifacts:
+        tracked.log_artifact(path, folder)
+    tracked.end()
+    return {"metrics": result.metrics, "artifacts": [list(a) for a in result.artifacts]}
 
 
 def milestone_name(curriculum: Sequence[str], index: int) -> str:

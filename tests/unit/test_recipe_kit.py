@@ -86,3 +86,36 @@ def test_eval_milestones_selects_what_is_evaluated_and_caches_only_that(tmp_path
 
     with pytest.raises(ConfigError, match=r"eval\.milestones: is not a milestone of this run .*got 'adapt-tune'"):
         load_config(CGClipRecipeConfig, DEMO, ["eval.milestones=[adapt-tune]"])
+
+
+def test_a_cached_milestone_is_reused_only_with_the_same_evaluation_settings(tmp_path) -> None:
+    import json
+
+    from robustfm.recipes.kit import MilestoneResult, RecipeRun, milestone
+    from robustfm.tracking.base import NullRun, NullTracker
+
+    evaluated: list[str] = []
+
+    def measure(tracker, run_id):
+        evaluated.append("pretrained")
+        return MilestoneResult({"score": float(len(evaluated))}, ())
+
+    def rerun(*overrides: str) -> dict[str, float]:
+        cfg = load_config(CGClipRecipeConfig, DEMO, list(overrides))
+        return milestone(RecipeRun(cfg, "cgclip", tmp_path, None, NullTracker(), NullRun()), "pretrained", measure)
+
+    assert rerun("eval.enabled=false") == {} and evaluated == []  # a smoke run caches an empty milestone ...
+    assert rerun() == {"score": 1.0} and evaluated == ["pretrained"]  # ... that a run with evaluation measures
+    assert rerun() == {"score": 1.0} and len(evaluated) == 1  # same settings: cached
+    # Pool size and placement, or which other milestones run, do not change the numbers: still cached.
+    assert rerun("eval.settings.pool.max_actors=4", "eval.settings.pool.num_cpus=0.5", "eval.milestones=[pretrained]")
+    assert len(evaluated) == 1
+    # A suite's setting, the evaluation seed or the data do (each added to the last): measured again, and cached.
+    changes = ["eval.settings.suites.zero_shot.data.max_samples=7", "eval.settings.seed=3", "data.image_size=32"]
+    for n in range(1, len(changes) + 1):
+        assert rerun(*changes[:n]) == {"score": float(n + 1)} and len(evaluated) == n + 1, changes[n - 1]
+    assert rerun(*changes) == {"score": 4.0} and len(evaluated) == 4
+    # A record written before records carried a fingerprint is measured again.
+    cache = tmp_path / "milestones" / "pretrained.json"
+    cache.write_text(json.dumps({"metrics": {"score": 0.0}, "artifacts": []}))
+    assert rerun() == {"score": 5.0}
