@@ -7,37 +7,31 @@ ray job submit --working-dir . -- python jobs/cft.py --config configs/cft/vit_b1
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from robustfm.config import ConfigError
-from robustfm.config.cli import job_argument_parser, resolve_job_config
 from robustfm.recipes.cft_config import CFTRecipeConfig, check_inputs
-from robustfm.runtime import configure_job_logging, init_ray
+from robustfm.recipes.job import run_recipe_job
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cft" / "demo.yaml"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = job_argument_parser(__doc__, DEFAULT_CONFIG).parse_args(argv)
-    cfg = resolve_job_config(CFTRecipeConfig, args)
-    problems = check_inputs(cfg)  # missing data, masks or class names fail here, before Ray starts
+def preflight(cfg: CFTRecipeConfig) -> list[str]:
+    """Missing data, masks or class names, and a relevance method the architecture cannot give (attnlrp on a CNN)."""
+    problems = check_inputs(cfg)
     if problems:
-        print("config error: " + "\n  ".join(problems), file=sys.stderr)
-        return 2
+        return problems
     from robustfm.recipes import kit
 
-    try:  # a relevance method the architecture cannot give (attnlrp on a CNN) fails before Ray starts too
+    try:
         kit.TaskBuilder("cft", cfg.model, cfg.method).initial(cfg.seed)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    configure_job_logging(Path(cfg.output_dir) / cfg.name, verbose=args.verbose)
-    init_ray(cfg.ray, verbose=args.verbose)
-    from robustfm.recipes.cft import run
+        return [str(err)]
+    return []
 
-    run(cfg)
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    return run_recipe_job(argv, __doc__, DEFAULT_CONFIG, CFTRecipeConfig, preflight, "robustfm.recipes.cft")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,10 @@ Variants that share a prefix of the curriculum share its training (same output f
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from robustfm.config.cli import job_argument_parser, resolve_job_config
 from robustfm.recipes.cgclip_config import CGClipRecipeConfig, check_paths
-from robustfm.runtime import configure_job_logging, init_ray
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "cgclip" / "ablations"
 
@@ -24,19 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", nargs="*", default=None, help="preset names (default: every file in ablations/)")
     args = parser.parse_args(argv)
     base = resolve_job_config(CGClipRecipeConfig, args)
-    from robustfm.recipes.cgclip_ablations import load_variants
+    from robustfm.recipes.cgclip_ablations import load_variants, run_ablations
+    from robustfm.recipes.job import launch
 
     variants = load_variants(base, PRESETS, args.presets)  # every variant is validated before Ray starts
-    problems = check_paths(base)
-    if problems:
-        print("config error: " + "\n  ".join(problems), file=sys.stderr)
-        return 2
-    configure_job_logging(Path(base.output_dir) / base.name, verbose=args.verbose)
-    init_ray(base.ray, verbose=args.verbose)
-    from robustfm.recipes.cgclip_ablations import run_ablations
 
-    run_ablations(base, variants)
-    return 0
+    return launch(base, check_paths(base), args.verbose, lambda: run_ablations(base, variants))
 
 
 if __name__ == "__main__":

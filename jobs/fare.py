@@ -7,29 +7,17 @@ ray job submit --working-dir . -- python jobs/fare.py --config configs/fare/vit_
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from robustfm.config.cli import job_argument_parser, resolve_job_config
 from robustfm.recipes.fare_config import FARERecipeConfig, check_paths
-from robustfm.runtime import configure_job_logging, init_ray
+from robustfm.recipes.job import run_recipe_job
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fare" / "demo.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = job_argument_parser(__doc__, DEFAULT_CONFIG).parse_args(argv)
-    cfg = resolve_job_config(FARERecipeConfig, args)
-    problems = check_paths(cfg)  # a missing data path fails here, before Ray starts
-    if problems:
-        print("config error: " + "\n  ".join(problems), file=sys.stderr)
-        return 2
-    configure_job_logging(Path(cfg.output_dir) / cfg.name, verbose=args.verbose)
-    init_ray(cfg.ray, verbose=args.verbose)
-    from robustfm.recipes.fare import run
-
-    run(cfg)
-    return 0
+    # A missing data path fails in check_paths, before Ray starts.
+    return run_recipe_job(argv, __doc__, DEFAULT_CONFIG, FARERecipeConfig, check_paths, "robustfm.recipes.fare")
 
 
 if __name__ == "__main__":

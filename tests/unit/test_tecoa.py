@@ -155,7 +155,9 @@ def test_the_job_refuses_bad_input_before_ray_starts(tmp_path, capsys, monkeypat
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     started = []  # this process may already hold the session's Ray: watch the job's own start instead
-    monkeypatch.setattr(job, "init_ray", lambda *args, **kwargs: started.append(args))
+    import robustfm.recipes.job
+
+    monkeypatch.setattr(robustfm.recipes.job, "init_ray", lambda *args, **kwargs: started.append(args))
     with pytest.raises(SystemExit) as exited:
         job.main(["method.attack.eps=0"])
     assert exited.value.code == 2 and "method.attack.eps: must be > 0" in capsys.readouterr().err
