@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from robustfm.config import flatten, to_dict
+from robustfm.config import flatten
 
 logger = logging.getLogger("robustfm.recipes")
 
@@ -35,7 +35,7 @@ _PLACEMENT_ONLY = (
 
 def evaluation_fingerprint(cfg: Any) -> str:
     """A short hash of the recipe settings that shape a milestone's numbers (see the module docstring)."""
-    shaping = {"eval": to_dict(cfg.eval), "data": to_dict(cfg.data), "model": to_dict(cfg.model), "seed": cfg.seed}
+    shaping = {"eval": cfg.eval, "data": cfg.data, "model": cfg.model, "seed": cfg.seed}  # flatten reads configs
     kept = {
         key: value
         for key, value in flatten(shaping).items()
