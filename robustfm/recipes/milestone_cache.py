@@ -4,7 +4,8 @@ measured with the same evaluation settings.
 A cached record carries the fingerprint of the settings that shape its numbers: the ``eval`` section, the recipe's
 ``data`` section (evaluation splits, image size), the model and the seed. What only chooses which milestones run, or
 where and on how many actors they are scored, is left out, so resizing the pool or asking for more milestones keeps
-the cache. A record measured with other settings (or written before records carried a fingerprint) is measured again.
+the cache; so is what only training reads (CG-CLIP's ground-truth maps). A record measured with other settings (or
+written before records carried a fingerprint) is measured again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from robustfm.config import flatten
 
 logger = logging.getLogger("robustfm.recipes")
 
-_PLACEMENT_ONLY = (
+_NOT_SHAPING = (
+    # where and on how many actors a milestone is scored, and which milestones run
     "eval.milestones",
     "eval.settings.output_dir",
     "eval.settings.pool.min_actors",
@@ -29,6 +31,10 @@ _PLACEMENT_ONLY = (
     "eval.settings.pool.threads",
     "eval.settings.pool.batch_size",
     "eval.settings.pool.wait_for_min_actors_s",
+    # CG-CLIP's ground-truth maps are training targets that no milestone reads; their scale is fitted only when some
+    # stage weighs them, so an ablation without such a stage (FLYP-only) would otherwise not share the milestones of
+    # the curriculum prefix it has in common with the others
+    "data.gt_map",
 )
 """Flattened settings that do not change a milestone's numbers."""
 
@@ -39,7 +45,7 @@ def evaluation_fingerprint(cfg: Any) -> str:
     kept = {
         key: value
         for key, value in flatten(shaping).items()
-        if not any(key == skip or key.startswith(skip + ".") for skip in _PLACEMENT_ONLY)
+        if not any(key == skip or key.startswith(skip + ".") for skip in _NOT_SHAPING)
     }
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -1,7 +1,7 @@
 """jobs/cgclip_ablations.py end to end on the tiny config: two presets plus CG-CLIP and the probe baseline in one
-table (markdown and MLflow), each shared curriculum prefix trained once. Two presets whose curricula are prefixes of
-CG-CLIP's show the sharing; every preset is checked to apply in tests/unit/test_cgclip_ablations.py (each further
-preset here would cost another Ray Train run and milestone evaluation, ~1-2 minutes of CI)."""
+table (markdown and MLflow), each shared curriculum prefix trained and evaluated once. Two presets whose curricula are
+prefixes of CG-CLIP's show the sharing; every preset is checked to apply in tests/unit/test_cgclip_ablations.py (each
+further preset here would cost another Ray Train run and milestone evaluation, ~1-2 minutes of CI)."""
 
 from __future__ import annotations
 
@@ -73,6 +73,10 @@ def test_ablation_job_writes_the_whole_table_training_each_prefix_once(demo_shar
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("ablations")
+    # ... and each milestone (the pretrained model, every prefix) evaluated once: the variants share the cache.
+    runs = client.search_runs([experiment.experiment_id], max_results=500)
+    evaluated = [r.info.run_name for r in runs if r.data.tags.get("milestone")]
+    assert sorted(evaluated) == sorted(f"milestone-{m}" for m in ["pretrained", *milestones]), evaluated
     table_runs = client.search_runs([experiment.experiment_id], "tags.kind = 'ablation-table'")
     assert len(table_runs) == 1
     run = table_runs[0]

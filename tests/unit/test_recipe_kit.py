@@ -110,6 +110,9 @@ def test_a_cached_milestone_is_reused_only_with_the_same_evaluation_settings(tmp
     # Pool size and placement, or which other milestones run, do not change the numbers: still cached.
     assert rerun("eval.settings.pool.max_actors=4", "eval.settings.pool.num_cpus=0.5", "eval.milestones=[pretrained]")
     assert len(evaluated) == 1
+    # Nor do the training targets: the ablation job runs FLYP-only (no GT maps, scale unset) beside variants that fit
+    # the maps' scale, and all of them share the pretrained and Adapt milestones.
+    assert rerun("data.gt_map.scale=30.0", "data.gt_map.layers=[1,2]") == {"score": 1.0} and len(evaluated) == 1
     # A suite's setting, the evaluation seed or the data do (each added to the last): measured again, and cached.
     changes = ["eval.settings.suites.zero_shot.data.max_samples=7", "eval.settings.seed=3", "data.image_size=32"]
     for n in range(1, len(changes) + 1):
