@@ -5,7 +5,7 @@ its classes, measured before and after, exported with WiSE-FT.
     ray job submit --working-dir . -- python jobs/cft.py --config configs/cft/vit_b16.yaml ray.address=auto
 
 Read :func:`run` top to bottom: set-up (the demo data set with masks when no shards are given; the seeded training
-classes and their few images, saved with the run); the pretrained milestone; one ``fit`` per stage on those images
+classes and their few images, saved with the run); the pretrained milestone; the training stages on those images
 with their concept masks (one joint crop and flip for both); the fine-tuned milestone; the export with its WiSE-FT
 mixes; the report: top-1 on fine-tuned and held-out classes, relevance alignment (PA, mIoU, mAP) per milestone.
 """
@@ -22,6 +22,7 @@ import numpy as np
 
 from robustfm.recipes import kit
 from robustfm.recipes.cft_config import MASK_COLUMN, CFTDataConfig, CFTRecipeConfig, check_inputs, read_class_list
+from robustfm.recipes.curriculum import train_curriculum
 from robustfm.seeding import epoch_seed
 from robustfm.sweeps.recipes import REPO_ROOT, EpochValidation, RecipeSweep
 
@@ -59,8 +60,8 @@ def run(cfg: CFTRecipeConfig) -> kit.RecipeRun:
     pretrained_state = timm_state_dict(pretrained.model)
     kit.milestone(run_, "pretrained", measure("pretrained", pretrained))
 
-    # 3. fine-tuning: one fit per stage ----------------------------------------------------------------------------
-    _, task = kit.train_curriculum(run_, builder, lambda stage: training_batches(cfg.data, cfg.seed, chosen), measure)
+    # 3. fine-tuning: the curriculum's stages ------------------------------------------------------------------------
+    _, task = train_curriculum(run_, builder, lambda stage: training_batches(cfg.data, cfg.seed, chosen), measure)
 
     # 4. export and WiSE-FT -----------------------------------------------------------------------------------------
     headline = headline_metric(cfg)

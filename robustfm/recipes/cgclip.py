@@ -3,10 +3,11 @@
     python jobs/cgclip.py --config configs/cgclip/demo.yaml            # a laptop: embedded Ray, tiny model
     ray job submit --working-dir . -- python jobs/cgclip.py --config configs/cgclip/vit_b32.yaml ray.address=auto
 
-Read :func:`run` top to bottom: set-up (the demo data set when no shards are given), the pretrained milestone, one
-``fit`` per stage of the curriculum (each stage's trainable groups, learning rates and loss weights are in
-``train.stages``), each followed by its milestone (detection and zero-shot suites, detection out of domain, a t-SNE
-of clean vs corrupted embeddings), then the export without the decoder with its WiSE-FT mixes, and the summary.
+Read :func:`run` top to bottom: set-up (the demo data set when no shards are given), the pretrained milestone, the
+stages of the curriculum (each stage's trainable groups, learning rates and loss weights are in ``train.stages``;
+stages with no milestone between them train in one ``fit``), each followed by its milestone (detection and
+zero-shot suites, detection out of domain, a t-SNE of clean vs corrupted embeddings), then the export without the
+decoder with its WiSE-FT mixes, and the summary.
 Rerunning the same command finishes an interrupted run (the kit skips saved stages and cached milestones).
 """
 
@@ -39,7 +40,8 @@ OOD_SUITE = "corruption_detection"
 def run(cfg: CGClipRecipeConfig) -> Any:
     """Run the whole recipe on the Ray that the caller started (``ray.init``); returns the kit's run record."""
     from robustfm.models.export import clip_state_dict
-    from robustfm.recipes.kit import export_with_wise_ft, milestone, print_where, train_curriculum
+    from robustfm.recipes.curriculum import train_curriculum
+    from robustfm.recipes.kit import export_with_wise_ft, milestone, print_where
 
     # 1. set-up: inputs (the GT maps' scale fitted for the configured VGG), output folder, tracker and parent run -----
     cfg = with_fitted_gt_scale(with_demo_data(cfg))
@@ -52,7 +54,7 @@ def run(cfg: CGClipRecipeConfig) -> Any:
     pretrained_state = clip_state_dict(pretrained.model.clip)
     milestone(run_, "pretrained", measure(cfg, settings, run_.out, "pretrained", pretrained))
 
-    # 3. the curriculum: one fit per stage; ground-truth maps only for stages whose corruption loss counts ------------
+    # 3. the curriculum; ground-truth maps only for stages whose corruption loss counts ------------------------------
     def batches(stage: str) -> Any:
         return training_batches(cfg.data, cfg.seed, cfg.clean_per_worker, with_maps=_needs_maps(cfg, [stage]))
 

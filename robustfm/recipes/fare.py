@@ -4,7 +4,7 @@
     ray job submit --working-dir . -- \
         python jobs/fare.py --config configs/fare/vit_l14_robustvlm.yaml ray.address=auto
 
-Read :func:`run` top to bottom: set-up; the pretrained milestone; one ``fit`` per stage (the frozen starting
+Read :func:`run` top to bottom: set-up; the pretrained milestone; the training stages (the frozen starting
 encoder's embeddings f0(x) of the clean images come from a frozen-model actor pool, each image gets its attack seed
 from a data stage, and the task attacks the image encoder inside its forward, then pulls f(x + delta) towards f0(x));
 the fine-tuned milestone; the export with its WiSE-FT mixes; the report: zero-shot accuracy clean and under APGD,
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from robustfm.recipes import adversarial, kit
+from robustfm.recipes.curriculum import train_curriculum
 from robustfm.recipes.fare_config import FARERecipeConfig, check_paths
 from robustfm.sweeps.recipes import REPO_ROOT, EpochValidation, RecipeSweep
 
@@ -37,8 +38,8 @@ def run(cfg: FARERecipeConfig) -> kit.RecipeRun:
     pretrained_state = clip_state_dict(pretrained.model)
     kit.milestone(run_, "pretrained", measure("pretrained", pretrained))
 
-    # 3. adversarial fine-tuning: one fit per stage ------------------------------------------------------------------
-    _, task = kit.train_curriculum(run_, builder, lambda stage: training_batches(cfg), measure)
+    # 3. adversarial fine-tuning: the curriculum's stages ----------------------------------------------------------
+    _, task = train_curriculum(run_, builder, lambda stage: training_batches(cfg), measure)
 
     # 4-5. export, WiSE-FT and the report ----------------------------------------------------------------------------
     adversarial.export_and_report(run_, "FARE (paper 003)", task.model, pretrained_state, settings)

@@ -3,9 +3,8 @@
 - :class:`TaskBuilder` builds any registered method (``robustfm.methods.METHODS``) from the previous stage's weights,
   on every Ray Train worker (it pickles);
 - :class:`RecipeRun` is the set-up: output folder, resolved config, tracker and the MLflow parent run;
-- :func:`train_curriculum` is the stage loop: one ``fit`` per stage, a stage whose weights are saved is skipped on a
-  rerun, an interrupted one resumes from its latest checkpoint (``fit`` with the same run name), and a milestone is
-  measured after each stage;
+- the stage loop, :func:`robustfm.recipes.curriculum.train_curriculum`, trains the stages from the previous ones'
+  weights and measures a milestone after them;
 - :func:`milestone` evaluates once and caches (``milestones/<name>.json``), so a rerun does not repeat it;
 - :func:`export_with_wise_ft` writes the fine-tuned CLIP in open_clip layout and the WiSE-FT mixes, evaluates each
   and plots the recipe's headline metric against zero-shot retention;
@@ -256,62 +255,6 @@ def milestone_name(curriculum: Sequence[str], index: int) -> str:
     """A milestone is named by the stages behind it (``adapt-isolate``): ablations that share a prefix of the
     curriculum share its training and evaluation within one output folder."""
     return "-".join(curriculum[: index + 1])
-
-
-def train_curriculum(
-    run: RecipeRun,
-    builder: TaskBuilder,
-    batches: Callable[[str], Any],
-    evaluate: Callable[[str, Any], Evaluation],
-) -> tuple[TaskBuilder, Any]:
-    """Train every stage of ``run.cfg.curriculum`` in order, each from the weights the previous one saved.
-
-    Args:
-        run: the running recipe.
-        builder: builds the task from the pretrained backbone (stages chain their weights through it).
-        batches: ``batches(stage)`` -> the engine's batch source for that stage.
-        evaluate: ``evaluate(milestone, task)`` -> the evaluation function :func:`milestone` calls.
-
-    Returns:
-        The builder of the final weights and the final task.
-    """
-    cfg = run.cfg
-    current, task = builder.from_weights(None), None
-    for index, stage in enumerate(cfg.curriculum):
-        name = milestone_name(cfg.curriculum, index)
-        saved = run.out / "stages" / name / "task.safetensors"
-        if saved.is_file():
-            logger.info("stage %s already finished (%s): skipped", name, saved)
-        else:
-            fit_stage(run, current, stage, name, batches(stage), saved)
-        current = builder.from_weights(saved)
-        task = current()
-        milestone(run, name, evaluate(name, task))
-    return current, task
-
-
-def fit_stage(run: RecipeRun, builder: TaskBuilder, stage: str, name: str, batches: Any, saved: Path) -> Path:
-    """Train one stage with the engine (resuming its run if it has checkpoints) and save the task's weights where
-    the next stage, and a rerun, find them."""
-    from robustfm.models.weights import save_weights
-    from robustfm.train import fit
-
-    cfg = run.cfg
-    train_cfg = dataclasses.replace(cfg.train, stages={stage: cfg.train.stages[stage]}, seed=cfg.seed)
-    result = fit(
-        train_cfg,
-        builder,
-        batches,
-        tracking_uri=run.tracking_uri,
-        experiment=cfg.tracking.experiment,
-        parent_run_id=run.parent.run_id,
-        run_name=f"{cfg.name}-{name}",
-    )
-    task = builder.from_weights(None)()
-    task.load_state_dict(result.load_state_dict())
-    save_weights(task, saved, metadata={"stages": name, "checkpoint": result.checkpoint_path})
-    (saved.parent / "train_metrics.json").write_text(json.dumps(result.metrics, indent=2, default=str))
-    return saved
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
     ray job submit --working-dir . -- \
         python jobs/perturb_ft.py --config configs/perturb_ft/vit_b32.yaml ray.address=auto
 
-Read :func:`run` top to bottom: set-up; the pretrained milestone; one ``fit`` per stage (images get one everyday
+Read :func:`run` top to bottom: set-up; the pretrained milestone; the training stages (images get one everyday
 edit per epoch from a Ray Data stage, the frozen starting encoder's embeddings of the clean images come from a
 frozen-model actor pool; the task pulls the edited image's embedding towards them); the fine-tuned milestone; the
 export with its WiSE-FT mixes; the report: embedding robustness (mean / worst cosine, DivergenceRadius) and zero-shot
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from robustfm.recipes import kit
+from robustfm.recipes.curriculum import train_curriculum
 from robustfm.recipes.perturb_ft_config import PerturbFTDataConfig, PerturbFTRecipeConfig, check_paths
 from robustfm.sweeps.recipes import REPO_ROOT, EpochValidation, RecipeSweep
 
@@ -51,8 +52,8 @@ def run(cfg: PerturbFTRecipeConfig) -> kit.RecipeRun:
     pretrained_state = clip_state_dict(pretrained.model)
     kit.milestone(run_, "pretrained", measure("pretrained", pretrained))
 
-    # 3. fine-tuning: one fit per stage ----------------------------------------------------------------------------
-    _, task = kit.train_curriculum(run_, builder, lambda stage: training_batches(cfg, cfg.seed), measure)
+    # 3. fine-tuning: the curriculum's stages ------------------------------------------------------------------------
+    _, task = train_curriculum(run_, builder, lambda stage: training_batches(cfg, cfg.seed), measure)
 
     # 4. export and WiSE-FT -----------------------------------------------------------------------------------------
     export = kit.export_with_wise_ft(run_, task.model, pretrained_state, cfg.eval.suites, settings, MEAN_COSINE)

@@ -5,7 +5,7 @@
         python jobs/tecoa.py --config configs/tecoa/vit_l14_robustvlm.yaml ray.address=auto
 
 Read :func:`run` top to bottom: set-up (the class names: the shards' manifest or a names file, checked for
-duplicates); the pretrained milestone; one ``fit`` per stage (each image gets its attack seed from a data stage; the
+duplicates); the pretrained milestone; the training stages (each image gets its attack seed from a data stage; the
 task attacks the zero-shot classifier of the frozen text tower's prompts inside its forward, then trains the image
 encoder on the CE at the adversarial points); the fine-tuned milestone; the export with its WiSE-FT mixes; the report.
 """
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from robustfm.recipes import adversarial, kit
+from robustfm.recipes.curriculum import train_curriculum
 from robustfm.recipes.tecoa_config import TeCoARecipeConfig, check_paths, class_names_of
 from robustfm.sweeps.recipes import REPO_ROOT, EpochValidation, RecipeSweep
 
@@ -38,8 +39,8 @@ def run(cfg: TeCoARecipeConfig) -> kit.RecipeRun:
     pretrained_state = clip_state_dict(pretrained.model)
     kit.milestone(run_, "pretrained", measure("pretrained", pretrained))
 
-    # 3. adversarial fine-tuning: one fit per stage ------------------------------------------------------------------
-    _, task = kit.train_curriculum(run_, builder, lambda stage: adversarial.training_batches(cfg), measure)
+    # 3. adversarial fine-tuning: the curriculum's stages ----------------------------------------------------------
+    _, task = train_curriculum(run_, builder, lambda stage: adversarial.training_batches(cfg), measure)
 
     # 4-5. export, WiSE-FT and the report ----------------------------------------------------------------------------
     adversarial.export_and_report(run_, "TeCoA (paper 003's baseline)", task.model, pretrained_state, settings)

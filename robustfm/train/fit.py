@@ -16,7 +16,7 @@ from robustfm.train.launch import LaunchRequest
 from robustfm.train.launchers import run_local, run_ray
 from robustfm.train.loop import check_stage_groups, run_needs
 from robustfm.train.reporting import TrackingSpec
-from robustfm.train.task import BatchSource, Task, check_param_groups
+from robustfm.train.task import RunBatches, Task, check_param_groups, check_run_batches
 
 logger = logging.getLogger("robustfm.train")
 
@@ -63,7 +63,7 @@ class TrainResult:
 def fit(
     train_cfg: TrainConfig,
     build_task: Callable[[], Task],
-    batches: BatchSource,
+    batches: RunBatches,
     *,
     tracking_uri: str | None = None,
     experiment: str = "robustfm",
@@ -80,7 +80,8 @@ def fit(
         build_task: builds the task; called on every worker at every stage (picklable, deterministic given the
             torch seed the engine sets). It is also called once here, before any worker starts, to check the stages'
             parameter groups and settings and that the strategy provides what the task ``needs``.
-        batches: each rank's batches (picklable).
+        batches: each rank's batches (picklable): one source for every stage, or ``{stage: source}``. A source's
+            epochs are counted over the whole run (a stage after a 3-epoch stage starts at epoch 3).
         tracking_uri: MLflow URI from ``robustfm.tracking.resolve_tracking_uri`` (None: no tracking).
         experiment: MLflow experiment. parent_run_id: the run the per-stage runs nest under.
         run_name: the run's directory under ``storage_path``, and the prefix of the stage runs' names. The same name
@@ -107,6 +108,7 @@ def fit(
     groups = probe.param_groups()
     check_param_groups(groups, probe)
     check_stage_groups(train_cfg, groups)
+    check_run_batches(batches, train_cfg.stages)
     # Every stage's settings reach the task once here, and the strategy must provide what any stage needs: both fail
     # now rather than in every worker after the launch.
     check_capabilities(train_cfg, run_needs(train_cfg, probe))

@@ -28,7 +28,15 @@ from robustfm.train.config import StageConfig, TrainConfig
 from robustfm.train.reporting import StageReporter, TrackingSpec
 from robustfm.train.stage_run import StageRun, checkpoint_due
 from robustfm.train.strategies import DDPRuntime, DeepSpeedRuntime, build_optimizer, decide_strategy
-from robustfm.train.task import BatchSource, StageSpec, Task, batch_size_of, check_param_groups
+from robustfm.train.task import (
+    BatchSource,
+    RunBatches,
+    StageSpec,
+    Task,
+    batch_size_of,
+    check_param_groups,
+    stage_batches,
+)
 
 if TYPE_CHECKING:
     from robustfm.train.launch import WorkerContext
@@ -96,7 +104,7 @@ def batches_per_epoch(
 def train_worker(
     cfg: TrainConfig,
     build_task: Callable[[], Task],
-    source: BatchSource,
+    source: RunBatches,
     context: WorkerContext,
     tracking: TrackingSpec,
     on_stage_end: Callable[..., Any] | None = None,
@@ -187,7 +195,7 @@ def train_worker(
                     stage_name,
                     stage,
                     task,
-                    source,
+                    stage_batches(source, stage_name),
                     context,
                     decision,
                     position,

@@ -112,6 +112,24 @@ class BatchSource(Protocol):
         ...
 
 
+RunBatches = BatchSource | Mapping[str, BatchSource]
+"""What a run trains on: one :class:`BatchSource` for every stage, or one per stage name (stages of one run that read
+different data, e.g. CG-CLIP's Adapt without ground-truth maps and Isolate with them)."""
+
+
+def stage_batches(batches: RunBatches, stage: str) -> BatchSource:
+    """The batch source of ``stage``."""
+    return batches[stage] if isinstance(batches, Mapping) else batches
+
+
+def check_run_batches(batches: RunBatches, stages: Iterable[str]) -> None:
+    """Raise ValueError unless per-stage batches name every stage of the run."""
+    if isinstance(batches, Mapping):
+        missing = [stage for stage in stages if stage not in batches]
+        if missing:
+            raise ValueError(f"no batch source for stage(s) {missing}; the per-stage batches name {sorted(batches)}")
+
+
 def check_param_groups(groups: Mapping[str, list[nn.Parameter]], module: nn.Module) -> None:
     """Raise ValueError unless the groups are disjoint and hold only parameters of ``module``."""
     owned = {id(p) for p in module.parameters()}

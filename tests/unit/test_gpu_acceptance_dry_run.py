@@ -58,7 +58,8 @@ def test_dry_run_runs_every_item_and_writes_the_report(tmp_path):
     assert set(data["rows_per_s"]) == {"decode", "corrupt", "gt_map"}
     assert data["ratio"] > 0 and "trainer_img_s" in data  # compared with the engine item's trainer
     assert items["eval_pool"]["metrics"]["images_per_s"] > 0
-    assert set(items["cgclip"]["metrics"]["stages"]) == {"adapt", "isolate", "tune"}
+    stages = items["cgclip"]["metrics"]["stages"]
+    assert set(stages) == {"adapt", "isolate", "tune"} and all(s["steps"] == 2 for s in stages.values()), stages
 
 
 def test_an_item_over_its_time_limit_is_stopped_and_reported(tmp_path):

@@ -122,3 +122,24 @@ def test_a_cached_milestone_is_reused_only_with_the_same_evaluation_settings(tmp
     cache = tmp_path / "milestones" / "pretrained.json"
     cache.write_text(json.dumps({"metrics": {"score": 0.0}, "artifacts": []}))
     assert rerun() == {"score": 5.0}
+
+
+def test_stages_with_no_milestone_between_them_are_one_group(tmp_path) -> None:
+    from robustfm.recipes.curriculum import stage_groups
+    from robustfm.recipes.kit import RecipeRun
+    from robustfm.tracking.base import NullRun, NullTracker
+
+    def groups(*overrides: str) -> list[list[str]]:
+        cfg = load_config(CGClipRecipeConfig, DEMO, list(overrides))
+        return stage_groups(RecipeRun(cfg, "cgclip", tmp_path, None, NullTracker(), NullRun()))
+
+    assert groups() == [["adapt"], ["isolate"], ["tune"]]  # every milestone evaluated (the default)
+    assert groups("eval.milestones=[pretrained,final]") == [["adapt", "isolate", "tune"]]
+    assert groups("eval.enabled=false") == [["adapt", "isolate", "tune"]]
+    assert groups("eval.milestones=[adapt]") == [["adapt"], ["isolate", "tune"]]
+    assert groups("eval.milestones=[adapt-isolate]", "curriculum=[adapt,isolate]") == [["adapt", "isolate"]]
+    # Weights an earlier run saved (an ablation sharing the prefix) end a group: that part is skipped, not retrained.
+    saved = tmp_path / "stages" / "adapt" / "task.safetensors"
+    saved.parent.mkdir(parents=True)
+    saved.touch()
+    assert groups("eval.enabled=false") == [["adapt"], ["isolate", "tune"]]

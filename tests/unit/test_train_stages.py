@@ -190,3 +190,13 @@ def test_checkpoint_on_an_epoch_end_is_taken_after_validation_so_a_resume_does_n
     resumed = fit(cfg, build_tiny_task, SOURCE, run_name="killed", on_epoch_end=validate)
     assert validated == [("head", 1), ("body", 2), ("body", 3)]  # epoch 2 is not validated again
     assert _equal(resumed.load_state_dict(), reference.load_state_dict())
+
+
+def test_each_stage_reads_its_own_batches_when_given_per_stage(tmp_path):
+    # Body's source holds half the rows: 2 steps per epoch instead of the 4 of the shared source (see uninterrupted).
+    per_stage = {"head": SOURCE, "body": SyntheticBatchSource(num_samples=32, global_batch_size=16, seed=6)}
+    result = fit(_config("ddp", tmp_path), build_tiny_task, per_stage, run_name="per-stage")
+    assert result.metrics["head/stage_step"] == 4 and result.metrics["body/stage_step"] == 4
+    assert result.metrics["global_step"] == 8
+    with pytest.raises(ValueError, match=r"no batch source for stage\(s\) \['body'\]"):
+        fit(_config("ddp", tmp_path), build_tiny_task, {"head": SOURCE}, run_name="missing")
