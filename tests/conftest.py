@@ -93,25 +93,3 @@ def no_leaked_actors(request):
     assert not leaked, f"actors left alive after the test: {leaked} (allowed: {_LEAK_LIMITS})"
     held = _placement_groups_held() if reserved >= 1e-6 else []
     assert reserved < 1e-6, f"{reserved:g} CPUs still reserved after the test; placement groups held: {held}"
-
-
-def pytest_collection_modifyitems(config, items):
-    """Run the slow modules first, in two halves, so that both pytest workers end on quick tests.
-
-    ``make test`` runs two workers with ``--dist worksteal``: each starts with its half of the collection (the first
-    ``len // 2`` tests and the rest) and an idle worker steals from the end of the other's queue, but never its next
-    two tests. In collection order the end-to-end recipe tests (2-6 minutes each) came last, and one often ran alone
-    at the end while the other core idled (2-3 minutes of a CI run). Here the modules that hold a ``slow`` test go
-    alternately to the front of either half, each half filled up with quick modules. Modules stay whole, so a
-    module-scoped fixture is built once. Without xdist the order is simply: slow modules first.
-    """
-    modules: dict[str, list[pytest.Item]] = {}
-    for item in items:
-        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
-    slow = [name for name, tests in modules.items() if any(t.get_closest_marker("slow") for t in tests)]
-    halves: tuple[list[pytest.Item], list[pytest.Item]] = ([], [])
-    for index, name in enumerate(slow):
-        halves[index % 2].extend(modules[name])
-    quick = [item for name, tests in modules.items() if name not in slow for item in tests]
-    fill = max(0, len(items) // 2 - len(halves[0]))
-    items[:] = halves[0] + quick[:fill] + halves[1] + quick[fill:]

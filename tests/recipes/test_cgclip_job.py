@@ -85,7 +85,8 @@ def ray_head(tmp_path_factory):
         os.killpg(head.pid, signal.SIGTERM)
         pytest.fail("the Ray head's dashboard did not come up within 120 s")
     yield address, env
-    stop_process_group(head, term_grace_s=60)
+    # Ray's own shutdown of a --block head took 35-55 s here, the pytest worker idle: 10 s, then SIGKILL.
+    stop_process_group(head, term_grace_s=10)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
