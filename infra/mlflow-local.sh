@@ -14,6 +14,9 @@ if [[ -z "$mlflow_bin" ]]; then
   echo "mlflow-local.sh: no 'mlflow' on PATH and no $repo_venv_mlflow; run 'make env' first" >&2
   exit 1
 fi
+# MLflow 3's server also runs a job executor (a pool of huey consumer processes for GenAI evaluation and trace
+# rollups) that a tracking server for training runs never uses: off unless asked for.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 exec "$mlflow_bin" server \
   --host "${MLFLOW_HOST:-127.0.0.1}" --port "${MLFLOW_PORT:-5000}" \
   --backend-store-uri "sqlite:///$store/mlflow.db" \

@@ -12,6 +12,8 @@ db_host=${MLFLOW_DB_HOST:-127.0.0.1}
 db_name=${MLFLOW_DB_NAME:-mlflow}
 # Passed through the environment, not the command line, so the password never shows in `ps`.
 export MLFLOW_BACKEND_STORE_URI="postgresql://${db_user}:${MLFLOW_DB_PASSWORD}@${db_host}:5432/${db_name}"
+# MLflow 3's job executor (huey consumer processes for GenAI evaluation and trace rollups): off unless asked for.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 exec mlflow server \
   --host "${MLFLOW_HOST:-127.0.0.1}" --port "${MLFLOW_PORT:-5000}" \
   --artifacts-destination "$MLFLOW_ARTIFACTS" \

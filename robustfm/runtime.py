@@ -42,9 +42,6 @@ def init_ray(cfg: RayConfig, log_to_driver: bool = True, verbose: bool = False) 
         if address:
             ray.init(address=address, log_to_driver=log_to_driver, logging_config=logging_config)
         else:
-            # One machine cannot be preempted: Ray Train's preemption watcher (an actor process per training run,
-            # polling for draining nodes) only costs CPU here. On a cluster it stays on.
-            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             dashboard_port = own_state_api_address(cfg.include_dashboard)
             start_local_ray(
                 num_cpus=cfg.num_cpus,
@@ -75,6 +72,9 @@ def start_local_ray(**init_kwargs: Any) -> None:
     """
     import ray
 
+    # One machine cannot be preempted: Ray Train's preemption watcher (an actor process per training run, polling
+    # for draining nodes) only costs CPU here. On a cluster it stays on.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     for attempt in range(1, NODE_START_ATTEMPTS + 1):
         try:
             ray.init(address="local", **init_kwargs)

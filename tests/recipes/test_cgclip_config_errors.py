@@ -40,6 +40,7 @@ def test_a_split_the_shards_lack_fails_before_ray_starts(demo_shards, override, 
         ["jobs/cgclip.py", "--config", "configs/cgclip/demo.yaml", f"data.shards={demo_shards}",
          f"data.ood.caltech.shards={demo_shards}", override],
         timeout=120,
+        own_ray=True,  # "before Ray starts": a job joining the session's Ray would start none either way
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr and "its splits: train, val" in done.stderr

@@ -120,9 +120,24 @@ def mlflow_server(tmp_path):
                 log_tail = log_path.read_text(errors="replace")[-2000:]
                 pytest.fail(f"mlflow server did not come up on {url} (exit code {server.poll()}):\n{log_tail}")
             time.sleep(0.5)
+        # A tracking server only: MLflow 3's job executor (huey consumers, ~14 processes) stays off.
+        assert not [cmd for cmd in _session_commands(server.pid) if "huey" in cmd], _session_commands(server.pid)
         yield url
     finally:
         stop_process_group(server)
+
+
+def _session_commands(session_id: int) -> list[str]:
+    """Command lines of the processes in a session (the server was started in one of its own)."""
+    commands = []
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+            if proc.name.isdigit() and int(stat.rsplit(")", 1)[1].split()[3]) == session_id:
+                commands.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, ValueError):
+            continue
+    return commands
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 420)

@@ -16,8 +16,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 @pytest.mark.timeout(JOB_TIMEOUT_S + 120)
 def test_tecoa_runs_with_ddp_and_prints_where_results_are(demo_shards, tmp_path):
     overrides = fare_overrides(tmp_path, demo_shards, name="tecoa", **{"train.strategy.name": "ddp"})
-    done = run_job(["jobs/tecoa.py", "--config", "configs/tecoa/demo.yaml", *overrides])
+    # Its own embedded Ray, as `python jobs/tecoa.py` on a laptop (the other job tests join the session's Ray).
+    done = run_job(["jobs/tecoa.py", "--config", "configs/tecoa/demo.yaml", *overrides], own_ray=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "started an embedded Ray" in done.stdout + done.stderr
     out = tmp_path / "tecoa"
     train_state = json.loads((out / "stages" / "finetune" / "train_metrics.json").read_text())
     assert train_state["global_step"] == 4 and train_state["strategy"] == "ddp"

@@ -149,6 +149,7 @@ def test_buffered_logs_are_flushed_when_the_server_comes_back(tmp_path, caplog):
             + ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
             + ["--artifacts-destination", str(tmp_path / "server-artifacts")],
             cwd=tmp_path,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # as infra/mlflow-local.sh runs it
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: the CLI starts uvicorn workers that must stop with it
