@@ -12,7 +12,8 @@ fractional-GPU actors), ``cgclip`` (the three-stage recipe through jobs/cgclip.p
 bare loop, MFU; last, as its compilation time is the least predictable).
 
 Each item runs in its own subprocess with its own time limit (and the whole run within ``--budget-s``), so a failure
-or a hang is reported and the remaining items still run. After every item, OUTPUT_DIR gets the results so far:
+or a hang is reported and the remaining items still run. The items share one Ray, started here (see
+``start_shared_ray``). After every item, OUTPUT_DIR gets the results so far:
 ``gpu_acceptance.json`` (everything), ``gpu_acceptance.md`` (the tables) and ``gpu_acceptance.log`` (each item's
 output, tail-truncated): three files, so the device tool's 8-file limit is never reached. Exit status 0 when every
 item ran to completion ("ok"), whether or not its goal was met (the report says).
@@ -76,7 +77,33 @@ def item_environment(dry_run: bool = False) -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env["PYTHONUNBUFFERED"] = "1"
+    # cuBLAS's deterministic workspace (the resume item's bitwise comparison needs it), read when a process makes its
+    # first cuBLAS handle: in the environment of the shared Ray, so every worker has it.
+    env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     return env
+
+
+def start_shared_ray(profile: str, env: dict[str, str]) -> str:
+    """Start the Ray every item joins (its address goes into ``env`` as ``$RAY_ADDRESS``); returns the address.
+
+    One Ray for the whole check instead of one per item: a Ray start takes ~5 s of a short GPU window, and ~10 CPU-s
+    per item in the dry run on CI's two cores. Ray's processes (and so every worker) inherit this process's
+    environment, so it takes the items' environment first. An item killed for its time limit takes its Ray job with
+    it (Ray ends a driver's actors and placement groups when the driver exits); the next item starts clean.
+    """
+    import ray
+    from gpu_items.common import Profile, start_ray
+
+    os.environ.update(env)
+    start_ray(Profile(profile))
+    address = ray.get_runtime_context().gcs_address
+    env["RAY_ADDRESS"] = address
+    # What starting Ray put into this environment: the State API address and the token authentication Ray turns on
+    # for a new local cluster (the token itself is in ~/.ray/auth_token, which the items read too).
+    for name in ("RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return address
 
 
 def probe_environment(env: dict[str, str]) -> dict[str, Any]:
@@ -221,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"profile": profile, "started": started, "budget_s": budget, "environment": environment}
     report.update({"seconds": 0.0, "items": {}, "workdir": str(workdir)})
     print(f"gpu_acceptance ({profile}): {', '.join(names)}; device {environment.get('device', 'CPU')}", flush=True)
+    address = start_shared_ray(profile, env)
+    environment["ray_start_s"] = round(time.perf_counter() - clock, 1)
+    print(f"Ray for every item at {address} (started in {environment['ray_start_s']} s)", flush=True)
     for name in names:
         item = ITEMS[name]
         left = budget - (time.perf_counter() - clock)
@@ -234,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         report["seconds"] = time.perf_counter() - clock
         write_outputs(args.output_dir, report, workdir)
         print(f"[{result['status']:>7}] {name} ({result['seconds']:.0f} s): {result.get('summary', '')}", flush=True)
+    import ray
+
+    ray.shutdown()
     print(markdown(report))
     print(f"results: {args.output_dir.resolve()}/gpu_acceptance.{{json,md,log}}")
     if args.workdir is None:

@@ -1,7 +1,9 @@
 """What every item of the GPU acceptance check shares: the profile (GPU sizes or tiny CPU sizes), the item's result,
-timing helpers, the device's peak and a Ray started the same way in every item.
+timing helpers, the device's peak and the Ray every item joins.
 
-Items run in their own subprocess (``python -m gpu_items.run_item``), so nothing here keeps state between items.
+Items run in their own subprocess (``python -m gpu_items.run_item``), so nothing here keeps state between items; they
+share one Ray, started by ``gpu_acceptance.py`` (a Ray start costs ~5 s of the GPU window per item, and ~10 CPU-s each
+in the dry run that CI runs).
 """
 
 from __future__ import annotations
@@ -132,27 +134,39 @@ def measured_matmul_peak(device: str) -> float:
     return 2.0 * n**3 * rate
 
 
-def init_ray(profile: Profile, num_cpus: int | None = None) -> Any:
-    """An embedded Ray on 127.0.0.1 for this item only: all cores (and the GPU) on the GPU machine, 2 CPUs in the
-    dry run. No dashboard: its dependencies are not in the offline bundle. The workers' output comes to this
-    process, so it lands in the item's log (the only trace a failure on the GPU machine leaves)."""
-    import ray
-    import ray.data
-
+def start_ray(profile: Profile) -> None:
+    """A new embedded Ray on 127.0.0.1: all cores (and the GPU) on the GPU machine, 2 CPUs in the dry run. No
+    dashboard: its dependencies are not in the offline bundle. ``gpu_acceptance.py`` starts one for all the items
+    (each joins it through ``$RAY_ADDRESS``); an item run on its own starts its own (:func:`init_ray`)."""
     from robustfm.runtime import own_state_api_address, start_local_ray
 
-    started = time.perf_counter()
     own_state_api_address(include_dashboard=False)  # Ray Train's cleaner must not ask another Ray on this host
     start_local_ray(
-        num_cpus=num_cpus or (os.cpu_count() if profile.gpu else 2),
+        num_cpus=os.cpu_count() if profile.gpu else 2,
         num_gpus=1 if profile.gpu else 0,
         include_dashboard=False,
         log_to_driver=True,
         configure_logging=False,
         _node_ip_address="127.0.0.1",
     )
+
+
+def init_ray(profile: Profile) -> Any:
+    """This item's connection to Ray: the check's shared Ray (``$RAY_ADDRESS``, set by ``gpu_acceptance.py``), else
+    a Ray of its own (:func:`start_ray`). The workers' output comes to this process, so it lands in the item's log
+    (the only trace a failure on the GPU machine leaves)."""
+    import ray
+    import ray.data
+
+    started = time.perf_counter()
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+        progress(f"joined the check's Ray at {address} in {time.perf_counter() - started:.1f} s")
+    else:
+        start_ray(profile)
+        progress(f"Ray started in {time.perf_counter() - started:.1f} s")
     ray.data.DataContext.get_current().enable_progress_bars = False
-    progress(f"Ray started in {time.perf_counter() - started:.1f} s")
     return ray
 
 

@@ -87,8 +87,9 @@ def _difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[
 def resume(profile: Profile, workdir: Path) -> ItemReport:
     steps, batch = profile.pick(8, 6), profile.pick(64, 4)
     fail_at = steps // 2 + 1  # one step after the periodic checkpoint: the resumed run replays it
-    # cuBLAS reads this when its first handle is made: set before Ray starts, the workers inherit it.
-    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    # cuBLAS reads this when its first handle is made. The check's environment has it (also its shared Ray's
+    # workers); set here for a run of this item on its own Ray, which then inherits it.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     init_ray(profile)
     storage = workdir / "runs"
     a = _run(profile, storage, "uninterrupted", steps, batch, None)
