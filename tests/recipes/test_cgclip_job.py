@@ -120,7 +120,7 @@ def mlflow_server(tmp_path):
                 log_tail = log_path.read_text(errors="replace")[-2000:]
                 pytest.fail(f"mlflow server did not come up on {url} (exit code {server.poll()}):\n{log_tail}")
             time.sleep(0.5)
-        # A tracking server only: MLflow 3's job executor (huey consumers, ~14 processes) stays off.
+        # A tracking server only: MLflow 3's job executor (huey consumers: 7 processes when on) stays off.
         assert not [cmd for cmd in _session_commands(server.pid) if "huey" in cmd], _session_commands(server.pid)
         yield url
     finally:
