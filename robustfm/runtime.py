@@ -60,6 +60,8 @@ def init_ray(cfg: RayConfig, log_to_driver: bool = True, verbose: bool = False) 
 
 NODE_START_ATTEMPTS = 3
 """How many times :func:`start_local_ray` starts a local Ray whose node did not come up in time."""
+EMBEDDED_HEALTH_CHECK_INTERVAL_S = 0.25
+"""Seconds between Ray Train's polls of its workers on an embedded Ray (Ray's default: 2)."""
 
 
 def start_local_ray(**init_kwargs: Any) -> None:
@@ -75,6 +77,10 @@ def start_local_ray(**init_kwargs: Any) -> None:
     # One machine cannot be preempted: Ray Train's preemption watcher (an actor process per training run, polling
     # for draining nodes) only costs CPU here. On a cluster it stays on.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray Train's controller polls its workers every 2 s, so each run waits up to that long to see its workers start
+    # and again to see them finish: a tiny run took 15.7 s with it, 8.6 s with 0.25 s, for the same CPU. With a few
+    # workers on one machine the polls cost nothing; a cluster keeps Ray's default.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(EMBEDDED_HEALTH_CHECK_INTERVAL_S))
     for attempt in range(1, NODE_START_ATTEMPTS + 1):
         try:
             ray.init(address="local", **init_kwargs)

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from robustfm.runtime import EMBEDDED_HEALTH_CHECK_INTERVAL_S
+
 # Tests never reach a model hub or a cloud: fail fast instead of waiting on network timeouts.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -15,6 +17,9 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/robus
 # torch-heavy test files took 271 CPU-seconds (143 s) spinning and 141 (77 s) sleeping. Read when torch loads its
 # OpenMP runtime, so it is set here, before any test imports torch; subprocesses and Ray inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The embedded Ray's Ray Train poll interval (robustfm.runtime) for every Ray a test starts, also the simulated
+# clusters and the `ray start` head, so that no run waits 2 s for each poll.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(EMBEDDED_HEALTH_CHECK_INTERVAL_S))
 
 
 @pytest.fixture(scope="session")

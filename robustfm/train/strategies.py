@@ -287,6 +287,20 @@ class DDPRuntime(StageRuntime):
         self.model = self.module
 
 
+def _skip_shared_memory_all_reduce_op() -> None:
+    """Keep DeepSpeed on CPU from compiling its shared-memory all-reduce op when its communication backend starts.
+
+    The op (``deepspeed_shm_comm``) serves only DeepSpeed's inference all-reduce (tensor-parallel inference); ZeRO
+    training communicates through torch.distributed (gloo on CPU) either way. Building it costs ~35 s of g++ on the
+    first run of a machine (60-90 CPU-seconds of a CI run), and every later run checks the build with ninja. Marked
+    incompatible, DeepSpeed falls back to torch.distributed, as it does where the op cannot be built.
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 class DeepSpeedRuntime(StageRuntime):
     """A DeepSpeed engine (ZeRO stage 0-3) over the task with the client optimizer."""
 
@@ -297,6 +311,8 @@ class DeepSpeedRuntime(StageRuntime):
     ) -> None:
         import deepspeed
 
+        if device.type == "cpu":
+            _skip_shared_memory_all_reduce_op()
         super().__init__(task, optimizer, device)
         self.zero_stage = zero_stage
         trainable = sum(p.numel() for group in optimizer.param_groups for p in group["params"])

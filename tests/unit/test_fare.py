@@ -266,6 +266,10 @@ def test_a_run_killed_mid_stage_resumes_to_the_uninterrupted_weights(tmp_path, s
     assert not torch.equal(final["model.clip.visual.proj"], start["model.clip.visual.proj"])
     losses = [r["loss/fare"] for r in reference.history if "loss/fare" in r]
     assert all(math.isfinite(v) for v in losses) and len(losses) == 4
+    if strategy == "zero2":  # DeepSpeed on CPU did not compile its inference-only shared-memory all-reduce op
+        import deepspeed.ops
+
+        assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
 
 
 def test_the_sweep_validation_attacks_inside_no_grad():

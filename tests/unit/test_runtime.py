@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -74,3 +75,19 @@ def test_other_start_errors_and_the_last_timeout_are_raised(monkeypatch):
     with pytest.raises(Exception, match="timed out during startup"):
         start_local_ray()
     assert len(calls) == 1 + NODE_START_ATTEMPTS
+
+
+def test_an_embedded_ray_polls_its_training_workers_often_unless_told_otherwise(monkeypatch):
+    """Ray's processes read the environment of the process that starts them: it must be set before ``ray.init``."""
+    import ray
+
+    from robustfm.runtime import EMBEDDED_HEALTH_CHECK_INTERVAL_S, start_local_ray
+
+    seen = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.append(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")))
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    start_local_ray()
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    start_local_ray()
+    assert seen == [str(EMBEDDED_HEALTH_CHECK_INTERVAL_S), "3"]
+    assert EMBEDDED_HEALTH_CHECK_INTERVAL_S < 2  # Ray's own default: each run would wait up to 2 s per poll
