@@ -178,7 +178,7 @@ def _children(client, experiment_name: str) -> list:
     return [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
 
 
-def _wait_for(condition, process: subprocess.Popen, log: Path, timeout: float) -> None:
+def _wait_for(condition, process: subprocess.Popen, log: Path, timeout: float, poll_s: float = 0.25) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
@@ -187,7 +187,7 @@ def _wait_for(condition, process: subprocess.Popen, log: Path, timeout: float) -
             )
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for the sweep:\n{log.read_text()[-4000:]}")
-        time.sleep(1.0)
+        time.sleep(poll_s)
 
 
 @pytest.mark.ray
@@ -202,8 +202,14 @@ def test_interrupted_optuna_sweep_resumes_with_the_same_command(tmp_path, demo_s
     from robustfm.recipes.kit import TaskBuilder
 
     out = tmp_path / "out"
-    # checkpoint_every_steps=2: a trial (2 epochs of 2 steps) checkpoints at the end of its first epoch.
-    overrides = [*tiny_sweep_overrides(out, demo_shards), "train.checkpoint_every_steps=2"]
+    # A trial is 2 epochs of 4 steps (all 36 training images) and checkpoints at the end of its first. The
+    # interruption has to land between the driver logging a trial's first epoch and its second: with 2 steps an
+    # epoch that window was shorter than the 1 s polls here, and a fast machine finished the sweep first.
+    overrides = [
+        *tiny_sweep_overrides(out, demo_shards),
+        "train.stages.tune.max_batches_per_epoch=4",
+        "train.checkpoint_every_steps=4",
+    ]
     cfg = load_config(CGClipRecipeConfig, REPO / "configs" / "cgclip" / "demo.yaml", overrides)
     init_weights = tmp_path / "adapt-isolate.safetensors"  # stands in for a recipe's saved early stages
     save_file(
