@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
-# Keep DeepSpeed's JIT-compiled ops between runs (the first build takes ~35 s).
+# Keep any op DeepSpeed JIT-compiles between runs (on CPU it builds none: robustfm.train.strategies).
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/robustfm/torch_extensions
 # Tests and the demo never reach a model hub.
 export HF_HUB_OFFLINE ?= 1
