@@ -98,21 +98,3 @@ def no_leaked_actors(request):
     assert not leaked, f"actors left alive after the test: {leaked} (allowed: {_LEAK_LIMITS})"
     held = _placement_groups_held() if reserved >= 1e-6 else []
     assert reserved < 1e-6, f"{reserved:g} CPUs still reserved after the test; placement groups held: {held}"
-
-
-def pytest_collection_modifyitems(config, items):
-    """Modules with a slow test run first, the one allowed the longest time (its largest ``timeout`` mark) first; each
-    module's tests stay together (module-scoped fixtures, such as a shared reference run, are set up once); the other
-    modules keep their order.
-
-    Two workers share the run (``--dist worksteal``): the one that runs out of tests takes half of the other's queue,
-    from its end. With the end-to-end modules last, a long job test started near the end left one core idle until it
-    finished (seen: the last ~2 minutes of a run on one core); started first, the short tests fill in around them.
-    """
-    allowed: dict[str, float] = {}
-    for item in items:
-        if item.get_closest_marker("slow") is not None:
-            timeout = item.get_closest_marker("timeout")
-            seconds = float(timeout.args[0]) if timeout and timeout.args else float(config.getini("timeout") or 0)
-            allowed[item.module.__name__] = max(allowed.get(item.module.__name__, 0.0), seconds)
-    items.sort(key=lambda item: -allowed.get(item.module.__name__, -1.0))
