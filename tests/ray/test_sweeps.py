@@ -178,7 +178,7 @@ def _children(client, experiment_name: str) -> list:
     return [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
 
 
-def _wait_for(condition, process: subprocess.Popen, log: Path, timeout: float, poll_s: float = 0.25) -> None:
+def _wait_for(condition, process: subprocess.Popen, log: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
@@ -187,7 +187,7 @@ def _wait_for(condition, process: subprocess.Popen, log: Path, timeout: float, p
             )
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for the sweep:\n{log.read_text()[-4000:]}")
-        time.sleep(poll_s)
+        time.sleep(0.25)  # a trial's epoch can reach the driver within a second of the one before
 
 
 @pytest.mark.ray
